@@ -1,0 +1,36 @@
+"""cram_ext: fused ops for consolidation-routed hybrid models (gated scan, router, routed attention)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from . import reference
+from .ops import check_route, gated_scan, route, routed_attention, set_debug
+from .route_types import Route
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Route",
+    "build_info",
+    "check_route",
+    "gated_scan",
+    "reference",
+    "route",
+    "routed_attention",
+    "set_debug",
+]
+
+
+def build_info() -> dict:
+    """What this build of cram_ext contains.
+
+    Returns a dict with "backends" (["cpu"] or ["cpu", "cuda"]), "cuda_archs",
+    "cuda_version" and "cutlass_version" (empty strings when not built), and
+    "torch" (the torch it is running under).
+    """
+    info = json.loads(torch.ops.cram.build_info())
+    info["torch"] = torch.__version__
+    return info

@@ -1,0 +1,235 @@
+"""The cram ops: Python wrappers, fake (meta) implementations and autograd.
+
+The ops themselves are declared in csrc/registration.cpp and implemented per
+backend in C++/CUDA; the launchers there check every argument and raise
+TypeError / ValueError naming it. This module adds what torch.compile and
+autograd need, and the user-facing signatures.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loading the library runs the op registrations)
+from .reference import accumulate_dtype
+from .route_types import Route
+
+__all__ = ["gated_scan", "route", "routed_attention", "check_route", "set_debug"]
+
+_debug = os.environ.get("CRAM_DEBUG", "0") not in ("", "0")
+
+
+def set_debug(enabled: bool) -> None:
+    """Validate index/counts with `check_route` inside `routed_attention`.
+
+    Off by default (or set CRAM_DEBUG=1): the check reads the routing on the host,
+    a device sync that CUDA graphs and torch.compile(fullgraph=True) don't allow.
+    """
+    global _debug
+    _debug = bool(enabled)
+
+
+# ---------------------------------------------------------------- gated_scan
+
+
+def gated_scan(x: Tensor, log_a: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Gated linear scan, per channel: h[:, t] = exp(log_a[:, t]) * h[:, t-1] + x[:, t].
+
+    Args:
+        x: (B, T, C) float32/float16/bfloat16 (float64 on CPU).
+        log_a: (B, T, C), the log of the decay, same dtype as x (usually <= 0).
+        h0: (B, C) initial state in float32 (float64 for float64 x), or None for zeros.
+
+    Returns:
+        h: (B, T, C) in x.dtype, accumulated in float32 (float64 for float64 x).
+        h_last: (B, C), the final state in the accumulation dtype.
+
+    Differentiable in x, log_a and h0.
+    """
+    return torch.ops.cram.gated_scan.default(x, log_a, h0)
+
+
+@torch.library.register_fake("cram::gated_scan")
+def _(x, log_a, h0):
+    return torch.empty_like(x), x.new_empty((x.shape[0], x.shape[2]), dtype=accumulate_dtype(x.dtype))
+
+
+@torch.library.register_fake("cram::gated_scan_backward")
+def _(grad_h, grad_h_last, log_a, h, h0):
+    return torch.empty_like(h), torch.empty_like(h), torch.empty_like(grad_h_last)
+
+
+def _gated_scan_setup_context(ctx, inputs, output):
+    _, log_a, h0 = inputs
+    h, _ = output
+    ctx.save_for_backward(log_a, h, h0)
+
+
+def _gated_scan_backward(ctx, grad_h, grad_h_last):
+    log_a, h, h0 = ctx.saved_tensors
+    grad_x, grad_log_a, grad_h0 = torch.ops.cram.gated_scan_backward.default(grad_h, grad_h_last, log_a, h, h0)
+    return grad_x, grad_log_a, grad_h0 if h0 is not None else None
+
+
+torch.library.register_autograd(
+    "cram::gated_scan", _gated_scan_backward, setup_context=_gated_scan_setup_context
+)
+
+
+# --------------------------------------------------------------------- route
+
+
+def route(
+    hidden: Tensor, weight: Tensor, bias: Tensor, threshold: float = 0.5, force: Tensor | None = None
+) -> Route:
+    """The router decision and the in-row compaction of the routed positions.
+
+    Args:
+        hidden: (B, T, C) float32/float16/bfloat16 (float64 on CPU).
+        weight: (C,) router weight, any floating dtype.
+        bias: 0-dim router bias, any floating dtype (a tensor, so it is read on the device).
+        threshold: a token is routed when its probability exceeds this.
+        force: (B, T) bool, tokens routed whatever their probability (exploration), or None.
+
+    Returns:
+        A `Route` (prob, mask, index, counts); see its docstring. Only prob is
+        differentiable, in hidden, weight and bias. No host-device sync.
+    """
+    return Route(*torch.ops.cram.route.default(hidden, weight, bias, float(threshold), force))
+
+
+@torch.library.register_fake("cram::route")
+def _(hidden, weight, bias, threshold, force):
+    B, T = hidden.shape[0], hidden.shape[1]
+    return (
+        hidden.new_empty((B, T), dtype=accumulate_dtype(hidden.dtype)),
+        hidden.new_empty((B, T), dtype=torch.bool),
+        hidden.new_empty((B, T), dtype=torch.int32),
+        hidden.new_empty((B,), dtype=torch.int32),
+    )
+
+
+@torch.library.register_fake("cram::route_backward")
+def _(grad_prob, prob, hidden, weight):
+    return torch.empty_like(hidden), torch.empty_like(weight), prob.new_empty(())
+
+
+def _route_setup_context(ctx, inputs, output):
+    hidden, weight, bias, _, _ = inputs
+    prob = output[0]
+    ctx.save_for_backward(prob, hidden, weight)
+    ctx.bias_dtype = bias.dtype
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _route_backward(ctx, grad_prob, *_):
+    prob, hidden, weight = ctx.saved_tensors
+    grad_hidden, grad_weight, grad_bias = torch.ops.cram.route_backward.default(grad_prob, prob, hidden, weight)
+    return grad_hidden, grad_weight, grad_bias.to(ctx.bias_dtype), None, None
+
+
+torch.library.register_autograd("cram::route", _route_backward, setup_context=_route_setup_context)
+
+
+def check_route(index: Tensor, counts: Tensor, T: int) -> None:
+    """Raise ValueError unless (index, counts) is a valid routing of T positions.
+
+    Valid: index (B, T) int32 and counts (B,) int32 on one device, 0 <= counts <= T,
+    index[b, :counts[b]] strictly increasing in [0, T), index[b, counts[b]:] == T.
+    Reads the tensors on the host (a device sync): a debugging aid, see `set_debug`.
+    """
+    if not isinstance(index, Tensor) or not isinstance(counts, Tensor):
+        raise TypeError("check_route: index and counts must be tensors")
+    if index.dtype != torch.int32 or counts.dtype != torch.int32:
+        raise TypeError(f"check_route: index and counts must be int32, got {index.dtype} and {counts.dtype}")
+    if index.dim() != 2 or index.shape[1] != T:
+        raise ValueError(f"check_route: index: expected shape (B, T={T}), got {tuple(index.shape)}")
+    if counts.shape != (index.shape[0],):
+        raise ValueError(f"check_route: counts: expected shape ({index.shape[0]},), got {tuple(counts.shape)}")
+    if index.device != counts.device:
+        raise ValueError(f"check_route: index on {index.device} and counts on {counts.device}")
+    bad_counts = (counts < 0) | (counts > T)
+    if bool(bad_counts.any()):
+        b = int(bad_counts.nonzero()[0, 0])
+        raise ValueError(f"check_route: counts[{b}] = {int(counts[b])} is outside [0, T={T}]")
+    slot = torch.arange(T, device=index.device).expand_as(index)
+    routed = slot < counts.unsqueeze(1)
+    out_of_range = routed & ((index < 0) | (index >= T))
+    if bool(out_of_range.any()):
+        b, i = (int(v) for v in out_of_range.nonzero()[0])
+        raise ValueError(f"check_route: index[{b}, {i}] = {int(index[b, i])} is outside [0, T={T})")
+    unsorted = routed[:, 1:] & (index[:, 1:] <= index[:, :-1])
+    if bool(unsorted.any()):
+        b, i = (int(v) for v in unsorted.nonzero()[0])
+        raise ValueError(f"check_route: index[{b}] is not strictly increasing at slot {i + 1}")
+    bad_tail = ~routed & (index != T)
+    if bool(bad_tail.any()):
+        b, i = (int(v) for v in bad_tail.nonzero()[0])
+        raise ValueError(f"check_route: index[{b}, {i}] = {int(index[b, i])}, past counts[{b}], must be T={T}")
+
+
+# ---------------------------------------------------------- routed_attention
+
+
+def routed_attention(
+    q: Tensor, k: Tensor, v: Tensor, index: Tensor, counts: Tensor, softmax_scale: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Causal softmax attention computed only for routed queries, at their original positions.
+
+    For every b, i < counts[b], t = index[b, i] and head h:
+    out[b, t, h] = softmax(scale * q[b, t, h] . k[b, j, h // (H / Hk)]) @ v over keys
+    j <= t + (S - T) (bottom-right aligned; S == T for self-attention).
+
+    Args:
+        q: (B, T, H, D); float16/bfloat16 on CUDA (D in {64, 128}), also float32/float64 on CPU.
+        k, v: (B, S, Hk, D), same dtype, H % Hk == 0, S >= T.
+        index, counts: the routing, as `route` returns it ((B, T) and (B,) int32).
+        softmax_scale: defaults to D ** -0.5.
+
+    Returns:
+        out: (B, T, H, D) in q.dtype, exactly 0 at rows that were not routed.
+        lse: (B, H, T) log-sum-exp of the scaled scores in float32 (float64 for float64
+        inputs), -inf at rows that were not routed. Not differentiable.
+
+    Differentiable in q, k and v. A malformed routing can give a wrong result but never
+    an out-of-bounds access; `set_debug(True)` validates it first.
+    """
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if _debug:
+        check_route(index, counts, q.shape[1])
+    return torch.ops.cram.routed_attention.default(q, k, v, index, counts, scale)
+
+
+@torch.library.register_fake("cram::routed_attention")
+def _(q, k, v, index, counts, softmax_scale):
+    B, T, H, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, T), dtype=accumulate_dtype(q.dtype))
+
+
+@torch.library.register_fake("cram::routed_attention_backward")
+def _(grad_out, q, k, v, out, lse, index, counts, softmax_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _routed_attention_setup_context(ctx, inputs, output):
+    q, k, v, index, counts, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, index, counts)
+    ctx.softmax_scale = softmax_scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _routed_attention_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, index, counts = ctx.saved_tensors
+    grad_q, grad_k, grad_v = torch.ops.cram.routed_attention_backward.default(
+        grad_out, q, k, v, out, lse, index, counts, ctx.softmax_scale
+    )
+    return grad_q, grad_k, grad_v, None, None, None
+
+
+torch.library.register_autograd(
+    "cram::routed_attention", _routed_attention_backward, setup_context=_routed_attention_setup_context
+)

@@ -1,0 +1,52 @@
+// Router decision: prob = sigmoid(hidden . weight + bias), mask = prob > threshold | force,
+// and per batch row the routed positions compacted in increasing order into index
+// (T in the unused tail) with their number in counts. Interface between the launcher
+// (route_api.cpp) and the kernels; nothing here depends on torch.
+//
+// weight, bias, prob and the gradients of weight/bias have the accumulation type
+// (float32, or float64 for float64 hidden); the launcher converts weight and bias.
+#pragma once
+
+#include <cstdint>
+
+#include "common/element_type.h"
+
+namespace cram {
+
+struct RouteParams {
+  int64_t batch, seqlen, channels;
+  ElementType dtype;  // of hidden
+  double threshold;
+  const void* hidden;   // (B, T, C)
+  const void* weight;   // (C,)
+  const void* bias;     // scalar, read on the device (no host sync)
+  const bool* force;    // (B, T) or nullptr
+  void* prob;           // (B, T) out
+  bool* mask;           // (B, T) out
+  int32_t* index;       // (B, T) out
+  int32_t* counts;      // (B,) out
+};
+
+// grad_logit = grad_prob * prob * (1 - prob); grad_hidden = grad_logit weight,
+// grad_weight = sum over (b, t) of grad_logit hidden, grad_bias = sum of grad_logit.
+struct RouteBwdParams {
+  int64_t batch, seqlen, channels;
+  ElementType dtype;  // of hidden
+  const void* grad_prob;  // (B, T)
+  const void* prob;       // (B, T)
+  const void* hidden;     // (B, T, C)
+  const void* weight;     // (C,)
+  void* grad_hidden;      // (B, T, C) out
+  void* grad_weight;      // (C,) out
+  void* grad_bias;        // scalar out
+};
+
+void route_fwd_cpu(const RouteParams& p);
+void route_bwd_cpu(const RouteBwdParams& p);
+
+#ifdef CRAM_WITH_CUDA
+void route_fwd_cuda(const RouteParams& p, void* stream);
+void route_bwd_cuda(const RouteBwdParams& p, void* stream);
+#endif
+
+}  // namespace cram
