@@ -90,7 +90,8 @@ def _cutlass_include() -> tuple[list[str], str]:
 
 
 def _extension():
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -fno-trapping-math lets gcc if-convert (and so vectorise) loops with float compares.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
     if not _want_cuda():
         return cpp_extension.CppExtension(
             "cram_ext._C",

@@ -54,12 +54,13 @@ def gated_scan(x: Tensor, log_a: Tensor, h0: Tensor | None = None) -> tuple[Tens
 
 @torch.library.register_fake("cram::gated_scan")
 def _(x, log_a, h0):
-    return torch.empty_like(x), x.new_empty((x.shape[0], x.shape[2]), dtype=accumulate_dtype(x.dtype))
+    # The kernels write contiguous outputs whatever the inputs' strides: new_empty, not empty_like.
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], x.shape[2]), dtype=accumulate_dtype(x.dtype))
 
 
 @torch.library.register_fake("cram::gated_scan_backward")
 def _(grad_h, grad_h_last, log_a, h, h0):
-    return torch.empty_like(h), torch.empty_like(h), torch.empty_like(grad_h_last)
+    return h.new_empty(h.shape), h.new_empty(h.shape), grad_h_last.new_empty(grad_h_last.shape)
 
 
 def _gated_scan_setup_context(ctx, inputs, output):
@@ -114,7 +115,7 @@ def _(hidden, weight, bias, threshold, force):
 
 @torch.library.register_fake("cram::route_backward")
 def _(grad_prob, prob, hidden, weight):
-    return torch.empty_like(hidden), torch.empty_like(weight), prob.new_empty(())
+    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), prob.new_empty(())
 
 
 def _route_setup_context(ctx, inputs, output):
@@ -206,12 +207,12 @@ def routed_attention(
 @torch.library.register_fake("cram::routed_attention")
 def _(q, k, v, index, counts, softmax_scale):
     B, T, H, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, H, T), dtype=accumulate_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=accumulate_dtype(q.dtype))
 
 
 @torch.library.register_fake("cram::routed_attention_backward")
 def _(grad_out, q, k, v, out, lse, index, counts, softmax_scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _routed_attention_setup_context(ctx, inputs, output):

@@ -54,6 +54,11 @@ std::tuple<at::Tensor, at::Tensor> gated_scan(const at::Tensor& x_in, const at::
   p.h_last = h_last.data_ptr();
   if (x.is_cuda()) {
 #ifdef CRAM_WITH_CUDA
+    // Scratch of the parallel scan (chunk states), from the caching allocator: no
+    // sync, and graph-safe. Freed at scope exit, reused in stream order.
+    const at::Tensor workspace = at::empty({static_cast<int64_t>(gated_scan_fwd_workspace_bytes(p))},
+                                           x.options().dtype(at::kByte));
+    p.workspace = workspace.data_ptr();
     gated_scan_fwd_cuda(p, cuda_stream_of(x));
 #endif
   } else {
@@ -97,6 +102,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_scan_backward(const at::Ten
   p.grad_h0 = grad_h0.data_ptr();
   if (h.is_cuda()) {
 #ifdef CRAM_WITH_CUDA
+    const at::Tensor workspace = at::empty({static_cast<int64_t>(gated_scan_bwd_workspace_bytes(p))},
+                                           h.options().dtype(at::kByte));
+    p.workspace = workspace.data_ptr();
     gated_scan_bwd_cuda(p, cuda_stream_of(h));
 #endif
   } else {

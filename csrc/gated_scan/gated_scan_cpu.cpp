@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "common/cpu_dispatch.h"
+#include "common/cpu_math.h"
 #include "gated_scan/gated_scan.h"
 
 namespace cram {
@@ -37,7 +38,7 @@ void forward_lanes(const GatedScanParams& p) {
       for (int64_t t = 0; t < T_; ++t) {
         const int64_t off = row + t * C;
         for (int64_t c = 0; c < n; ++c) {
-          state[c] = std::exp(static_cast<Acc>(log_a[off + c])) * state[c] + static_cast<Acc>(x[off + c]);
+          state[c] = exp_vectorisable(static_cast<Acc>(log_a[off + c])) * state[c] + static_cast<Acc>(x[off + c]);
           h[off + c] = static_cast<T>(state[c]);
         }
       }
@@ -69,16 +70,24 @@ void backward_lanes(const GatedScanBwdParams& p) {
       const int64_t n = std::min(kChannelBlock, C - c0);
       for (int64_t c = 0; c < n; ++c) carry[c] = grad_h_last[b * C + c0 + c];
       const int64_t row = b * T_ * C + c0;
-      for (int64_t t = T_ - 1; t >= 0; --t) {
+      // One reverse step at time t, given the state h[t-1] before it.
+      auto step = [&](int64_t t, auto&& h_prev) {
         const int64_t off = row + t * C;
         for (int64_t c = 0; c < n; ++c) {
           const Acc g = static_cast<Acc>(grad_h[off + c]) + carry[c];
-          const Acc a = std::exp(static_cast<Acc>(log_a[off + c]));
-          const Acc h_prev = t > 0 ? static_cast<Acc>(h[off - C + c]) : (h0 ? h0[b * C + c0 + c] : Acc(0));
+          const Acc a = exp_vectorisable(static_cast<Acc>(log_a[off + c]));
           grad_x[off + c] = static_cast<T>(g);
-          grad_log_a[off + c] = static_cast<T>(g * a * h_prev);
+          grad_log_a[off + c] = static_cast<T>(g * a * h_prev(c));
           carry[c] = a * g;
         }
+      };
+      for (int64_t t = T_ - 1; t >= 1; --t) {
+        const T* h_row = h + row + (t - 1) * C;
+        step(t, [&](int64_t c) { return static_cast<Acc>(h_row[c]); });
+      }
+      if (T_ > 0) {
+        const Acc* h0_row = h0 ? h0 + b * C + c0 : nullptr;
+        step(0, [&](int64_t c) { return h0_row ? h0_row[c] : Acc(0); });
       }
       for (int64_t c = 0; c < n; ++c) grad_h0[b * C + c0 + c] = carry[c];
     }

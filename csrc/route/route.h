@@ -7,6 +7,7 @@
 // (float32, or float64 for float64 hidden); the launcher converts weight and bias.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "common/element_type.h"
@@ -25,6 +26,7 @@ struct RouteParams {
   bool* mask;           // (B, T) out
   int32_t* index;       // (B, T) out
   int32_t* counts;      // (B,) out
+  void* workspace;      // CUDA only: route_fwd_workspace_bytes(*this) bytes of scratch, or nullptr if 0
 };
 
 // grad_logit = grad_prob * prob * (1 - prob); grad_hidden = grad_logit weight,
@@ -39,12 +41,18 @@ struct RouteBwdParams {
   void* grad_hidden;      // (B, T, C) out
   void* grad_weight;      // (C,) out
   void* grad_bias;        // scalar out
+  void* workspace;        // CUDA only: route_bwd_workspace_bytes(*this) bytes of scratch, or nullptr if 0
 };
 
 void route_fwd_cpu(const RouteParams& p);
 void route_bwd_cpu(const RouteBwdParams& p);
 
 #ifdef CRAM_WITH_CUDA
+// Scratch the CUDA kernels need (per-tile routed counts forward, per-block partial
+// sums of grad_weight / grad_bias backward); call with every other field set. Any
+// allocation will do: the kernels write every byte they later read.
+size_t route_fwd_workspace_bytes(const RouteParams& p);
+size_t route_bwd_workspace_bytes(const RouteBwdParams& p);
 void route_fwd_cuda(const RouteParams& p, void* stream);
 void route_bwd_cuda(const RouteBwdParams& p, void* stream);
 #endif

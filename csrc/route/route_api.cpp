@@ -70,6 +70,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route(const at::Tenso
   p.counts = counts.data_ptr<int32_t>();
   if (hidden.is_cuda()) {
 #ifdef CRAM_WITH_CUDA
+    // Scratch of the kernels (routed counts per tile), from the caching allocator:
+    // no sync, and graph-safe. Freed at scope exit, reused in stream order.
+    const at::Tensor workspace = at::empty({static_cast<int64_t>(route_fwd_workspace_bytes(p))},
+                                           hidden.options().dtype(at::kByte));
+    p.workspace = workspace.data_ptr();
     route_fwd_cuda(p, cuda_stream_of(hidden));
 #endif
   } else {
@@ -111,6 +116,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_backward(const at::Tensor& 
   p.grad_bias = grad_bias.data_ptr();
   if (hidden.is_cuda()) {
 #ifdef CRAM_WITH_CUDA
+    // Scratch of the kernels (partial sums of grad_weight / grad_bias).
+    const at::Tensor workspace = at::empty({static_cast<int64_t>(route_bwd_workspace_bytes(p))},
+                                           hidden.options().dtype(at::kByte));
+    p.workspace = workspace.data_ptr();
     route_bwd_cuda(p, cuda_stream_of(hidden));
 #endif
   } else {

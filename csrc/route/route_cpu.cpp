@@ -54,13 +54,15 @@ void route_backward(const RouteBwdParams& p) {
   const Acc* prob = static_cast<const Acc*>(p.prob);
   T* grad_hidden = static_cast<T*>(p.grad_hidden);
 
+  // The sums over all B*T rows (grad_bias, grad_weight) accumulate in double: a
+  // float running sum over ~1e4+ rows would lose several digits to rounding.
   std::vector<Acc> grad_logit(rows);
-  Acc grad_bias = 0;
+  double grad_bias = 0;
   for (int64_t r = 0; r < rows; ++r) {
     grad_logit[r] = grad_prob[r] * prob[r] * (Acc(1) - prob[r]);
-    grad_bias += grad_logit[r];
+    grad_bias += static_cast<double>(grad_logit[r]);
   }
-  *static_cast<Acc*>(p.grad_bias) = grad_bias;
+  *static_cast<Acc*>(p.grad_bias) = static_cast<Acc>(grad_bias);
 
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -70,11 +72,14 @@ void route_backward(const RouteBwdParams& p) {
   // Each thread owns a slice of channels and sweeps every row, so no reduction across threads.
   Acc* grad_weight = static_cast<Acc*>(p.grad_weight);
   at::parallel_for(0, C, 16, [&](int64_t c_begin, int64_t c_end) {
-    std::fill(grad_weight + c_begin, grad_weight + c_end, Acc(0));
+    std::vector<double> sum(c_end - c_begin, 0.0);
     for (int64_t r = 0; r < rows; ++r) {
       const T* row = hidden + r * C;
-      for (int64_t c = c_begin; c < c_end; ++c) grad_weight[c] += grad_logit[r] * static_cast<Acc>(row[c]);
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        sum[c - c_begin] += static_cast<double>(grad_logit[r] * static_cast<Acc>(row[c]));
+      }
     }
+    for (int64_t c = c_begin; c < c_end; ++c) grad_weight[c] = static_cast<Acc>(sum[c - c_begin]);
   });
 }
 

@@ -5,6 +5,7 @@
 // and last position. The products go through ATen's GEMM; threads split the blocks.
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <limits>
@@ -88,18 +89,25 @@ void routed_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at
   const int64_t T = q.size(1), H = q.size(2), S = k.size(1), group = H / k.size(2), shift = S - T;
   const std::vector<QueryBlock> blocks = query_blocks(routed_positions(index, counts, T), H);
 
+  // at::parallel_for does not carry the caller's thread-local state to its worker
+  // threads; without it the ATen calls below would run with autograd on (recording
+  // a graph, racing on out's autograd metadata) and outside inference mode.
+  const at::ThreadLocalState tls;
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard tls_guard(tls);
     for (int64_t i = begin; i < end; ++i) {
       const QueryBlock& blk = blocks[i];
       const int64_t b = blk.batch, h = blk.head, nk = blk.t_max + shift + 1;
       const at::Tensor q_blk = q[b].select(1, h).index_select(0, blk.pos);
       const at::Tensor k_seen = k[b].select(1, h / group).narrow(0, 0, nk);
       const at::Tensor v_seen = v[b].select(1, h / group).narrow(0, 0, nk);
+      // Softmax with one exp per score; normalising the (n, D) output rather than
+      // the (n, keys) probabilities saves a pass over the scores.
       at::Tensor s = masked_scores(q_blk, k_seen, blk, shift, scale);
-      const at::Tensor l = at::logsumexp(s, 1);
-      const at::Tensor p = s.sub_(l.unsqueeze(1)).exp_();
-      out[b].select(1, h).index_copy_(0, blk.pos, at::mm(p, v_seen));
-      lse[b][h].index_copy_(0, blk.pos, l);
+      const at::Tensor row_max = at::amax(s, 1, /*keepdim=*/true);
+      const at::Tensor row_sum = s.sub_(row_max).exp_().sum(1, /*keepdim=*/true);
+      out[b].select(1, h).index_copy_(0, blk.pos, at::mm(s, v_seen).div_(row_sum));
+      lse[b][h].index_copy_(0, blk.pos, row_sum.log_().add_(row_max).squeeze(1));
     }
   });
 }
@@ -116,7 +124,9 @@ void routed_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, c
   std::vector<std::vector<const QueryBlock*>> by_kv_head(q.size(0) * Hk);
   for (const QueryBlock& blk : blocks) by_kv_head[blk.batch * Hk + blk.head / group].push_back(&blk);
 
+  const at::ThreadLocalState tls;  // see routed_attention_fwd_cpu
   at::parallel_for(0, static_cast<int64_t>(by_kv_head.size()), 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard tls_guard(tls);
     for (int64_t bg = begin; bg < end; ++bg) {
       for (const QueryBlock* blk : by_kv_head[bg]) {
         const int64_t b = blk->batch, h = blk->head, g = h / group, nk = blk->t_max + shift + 1;

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Build, test, sanitize and benchmark cram_ext on a GPU machine in one go, writing
+# logs and JSON under $OUT (default ./device_out). Stages run in the order given
+# (default: all); a failing stage is reported and the next one still runs.
+#   bash scripts/device_check.sh build test sanitize bench
+# Wheels placed in .whl/ (fla-core, nvidia-cutlass) are installed to /tmp/site first.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-$PWD/device_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(build test sanitize bench)
+summary=()
+
+run_stage() {  # name, command...
+  local name=$1; shift
+  local t0=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-22s rc=%-3s %4ss' "$name" "$rc" $((SECONDS - t0)))")
+  tail -n 15 "$OUT/$name.log"
+}
+
+for stage in "${stages[@]}"; do
+  case $stage in
+    build)
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+      run_stage build env MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install --no-build-isolation -e . -v
+      python3 -c "import cram_ext, json; print(json.dumps(cram_ext.build_info()))" | tee "$OUT/build_info.json" ;;
+    test)
+      run_stage pytest python3 -m pytest python_tests -q -rs ;;
+    sanitize)
+      run_stage check_scan_route python3 python_tests/cuda_memcheck_scan_route.py
+      run_stage memcheck_scan_route compute-sanitizer --tool memcheck --error-exitcode 3 \
+        python3 python_tests/cuda_memcheck_scan_route.py --quick
+      if [ -f python_tests/cuda_attention_check.py ]; then
+        run_stage check_attention python3 python_tests/cuda_attention_check.py
+        run_stage memcheck_attention compute-sanitizer --tool memcheck --error-exitcode 3 \
+          python3 python_tests/cuda_attention_check.py --quick
+        run_stage racecheck_attention compute-sanitizer --tool racecheck --error-exitcode 3 \
+          python3 python_tests/cuda_attention_check.py --quick
+      fi ;;
+    bench_scan) run_stage bench_scan python3 -m bench.scan --device cuda --out "$OUT/gated_scan.json" ;;
+    bench_router) run_stage bench_router python3 -m bench.router --device cuda --out "$OUT/route.json" ;;
+    bench_attention) run_stage bench_attention python3 -m bench.attention --device cuda --out "$OUT/routed_attention.json" ;;
+    bench)
+      run_stage bench_scan python3 -m bench.scan --device cuda --out "$OUT/gated_scan.json"
+      run_stage bench_router python3 -m bench.router --device cuda --out "$OUT/route.json"
+      run_stage bench_attention python3 -m bench.attention --device cuda --out "$OUT/routed_attention.json" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+# The device tool returns at most 8 files: pack the logs into one.
+(cd "$OUT" && tar czf logs.tgz ./*.log && rm -f ./*.log)
