@@ -1,0 +1,14 @@
+"""The README's usage example must run as written."""
+
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    examples = [b for b in blocks if "import cram_ext" in b and not b.lstrip().startswith(">>>")]
+    assert examples, "README has no runnable python example"
+    for code in examples:
+        exec(compile(code, str(README), "exec"), {})
