@@ -1,0 +1,10 @@
+"""Microbenchmarks of the cram ops beside their baselines.
+
+Run as modules from the repository root:
+
+    python -m bench.attention   # routed_attention vs dense SDPA / FlexAttention
+    python -m bench.scan        # gated_scan vs fla chunk_hgrn / associative_scan / eager
+    python -m bench.router      # route vs eager and torch.compile PyTorch
+
+See bench/README.md for the flags and the JSON record schema.
+"""
