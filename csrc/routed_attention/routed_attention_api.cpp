@@ -10,6 +10,11 @@
 #include "common/checks.h"
 #include "common/torch_utils.h"
 #include "routed_attention/routed_attention.h"
+#include "routed_attention/routed_attention_params.h"
+
+#ifdef CRAM_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
 
 namespace cram {
 namespace {
@@ -53,12 +58,116 @@ void check_route_tensors(const at::Tensor& index, const at::Tensor& counts, cons
 // The CPU path computes in the accumulation type; reduced precision is upcast once here.
 at::Tensor cpu_compute(const at::Tensor& t) { return t.to(accumulate_dtype(t.scalar_type())).contiguous(); }
 
+#ifdef CRAM_WITH_CUDA
+// The CUDA kernels read (B, L, heads, D) tensors through strides with a unit stride along D
+// and 16-byte aligned rows; anything else is copied into that form once here.
+at::Tensor cuda_compute(const at::Tensor& t) {
+  const auto aligned = [](const at::Tensor& x) {
+    return x.stride(3) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0 &&
+           reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  };
+  if (aligned(t)) return t;
+  at::Tensor c = t.contiguous();
+  return aligned(c) ? c : c.clone(at::MemoryFormat::Contiguous);
+}
+
+// Shapes, strides and pointers shared by the forward and the backward.
+RoutedAttentionParams cuda_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& index, const at::Tensor& counts, double softmax_scale) {
+  TORCH_CHECK_VALUE(k.size(1) <= INT32_MAX && q.size(0) <= INT32_MAX && q.size(2) <= INT32_MAX,
+                    "routed_attention: sizes must fit in int32 on CUDA, got q ", q.sizes(), " and k ", k.sizes());
+  RoutedAttentionParams p;
+  p.batch = static_cast<int>(q.size(0));
+  p.seqlen_q = static_cast<int>(q.size(1));
+  p.num_heads = static_cast<int>(q.size(2));
+  p.head_dim = static_cast<int>(q.size(3));
+  p.seqlen_k = static_cast<int>(k.size(1));
+  p.num_kv_heads = static_cast<int>(k.size(2));
+  p.dtype = element_type_of(q);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
+  p.index = index.data_ptr<int32_t>();
+  p.counts = counts.data_ptr<int32_t>();
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return p;
+}
+
+// Scratch memory for a kernel, from torch's caching allocator (graph-safe, no sync).
+void* cuda_workspace(size_t bytes, const at::Tensor& like, at::Tensor& holder) {
+  if (bytes == 0) return nullptr;
+  holder = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+  return holder.data_ptr();
+}
+
+std::tuple<at::Tensor, at::Tensor> routed_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                         const at::Tensor& v_in, const at::Tensor& index_in,
+                                                         const at::Tensor& counts_in, double softmax_scale) {
+  const at::Tensor q = cuda_compute(q_in), k = cuda_compute(k_in), v = cuda_compute(v_in);
+  const at::Tensor index = index_in.contiguous(), counts = counts_in.contiguous();
+  // Rows that are not routed keep these values: the kernels write routed rows only.
+  at::Tensor out = at::zeros(q.sizes(), q.options());
+  at::Tensor lse = at::full({q.size(0), q.size(2), q.size(1)}, -std::numeric_limits<double>::infinity(),
+                            q.options().dtype(at::kFloat));
+  RoutedAttentionParams p = cuda_params(q, k, v, index, counts, softmax_scale);
+  p.out = out.data_ptr();
+  p.out_batch_stride = out.stride(0), p.out_row_stride = out.stride(1), p.out_head_stride = out.stride(2);
+  p.lse = lse.data_ptr<float>();
+  at::Tensor workspace;
+  p.workspace = cuda_workspace(routed_attention_fwd_workspace_bytes(p), q, workspace);
+  routed_attention_fwd_cuda(p, cuda_stream_of(q));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& index_in, const at::Tensor& counts_in,
+    double softmax_scale) {
+  const at::Tensor q = cuda_compute(q_in), k = cuda_compute(k_in), v = cuda_compute(v_in);
+  const at::Tensor grad_out = cuda_compute(grad_out_in), out = cuda_compute(out_in);
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor index = index_in.contiguous(), counts = counts_in.contiguous();
+  // grad_q: only routed rows are written. grad_k, grad_v: every row is written.
+  at::Tensor grad_q = at::zeros(q.sizes(), q.options());
+  at::Tensor grad_k = at::empty(k.sizes(), k.options());
+  at::Tensor grad_v = at::empty(v.sizes(), v.options());
+  RoutedAttentionParams p = cuda_params(q, k, v, index, counts, softmax_scale);
+  p.out = const_cast<void*>(out.data_ptr());
+  p.out_batch_stride = out.stride(0), p.out_row_stride = out.stride(1), p.out_head_stride = out.stride(2);
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.grad_out = grad_out.data_ptr();
+  p.do_batch_stride = grad_out.stride(0), p.do_row_stride = grad_out.stride(1), p.do_head_stride = grad_out.stride(2);
+  p.grad_q = grad_q.data_ptr();
+  p.dq_batch_stride = grad_q.stride(0), p.dq_row_stride = grad_q.stride(1), p.dq_head_stride = grad_q.stride(2);
+  p.grad_k = grad_k.data_ptr();
+  p.dk_batch_stride = grad_k.stride(0), p.dk_row_stride = grad_k.stride(1), p.dk_head_stride = grad_k.stride(2);
+  p.grad_v = grad_v.data_ptr();
+  p.dv_batch_stride = grad_v.stride(0), p.dv_row_stride = grad_v.stride(1), p.dv_head_stride = grad_v.stride(2);
+  at::Tensor workspace;
+  p.workspace = cuda_workspace(routed_attention_bwd_workspace_bytes(p), q, workspace);
+  routed_attention_bwd_cuda(p, cuda_stream_of(q));
+  return {grad_q, grad_k, grad_v};
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> routed_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     const at::Tensor& index, const at::Tensor& counts,
                                                     double softmax_scale) {
   check_qkv(q, k, v);
   check_route_tensors(index, counts, q);
   c10::OptionalDeviceGuard guard(q.device());
+  if (q.is_cuda()) {
+#ifdef CRAM_WITH_CUDA
+    return routed_attention_cuda(q, k, v, index, counts, softmax_scale);
+#else
+    TORCH_CHECK(false, "routed_attention: cram_ext was built without CUDA support");
+#endif
+  }
   const at::ScalarType acc = accumulate_dtype(q.scalar_type());
   at::Tensor lse = at::full({q.size(0), q.size(2), q.size(1)}, -std::numeric_limits<double>::infinity(),
                             q.options().dtype(acc));
@@ -83,6 +192,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward(
   check_shape(lse, "lse", {q.size(0), q.size(2), q.size(1)});
 
   c10::OptionalDeviceGuard guard(q.device());
+  if (q.is_cuda()) {
+#ifdef CRAM_WITH_CUDA
+    return routed_attention_backward_cuda(grad_out, q, k, v, out, lse, index, counts, softmax_scale);
+#else
+    TORCH_CHECK(false, "routed_attention_backward: cram_ext was built without CUDA support");
+#endif
+  }
   const at::Tensor qc = cpu_compute(q), kc = cpu_compute(k), vc = cpu_compute(v);
   at::Tensor grad_q = at::zeros_like(qc), grad_k = at::zeros_like(kc), grad_v = at::zeros_like(vc);
   routed_attention_bwd_cpu(cpu_compute(grad_out), qc, kc, vc, cpu_compute(out), lse.contiguous(), index.contiguous(),
@@ -96,5 +212,12 @@ TORCH_LIBRARY_IMPL(cram, CPU, m) {
   m.impl("routed_attention", &routed_attention);
   m.impl("routed_attention_backward", &routed_attention_backward);
 }
+
+#ifdef CRAM_WITH_CUDA
+TORCH_LIBRARY_IMPL(cram, CUDA, m) {
+  m.impl("routed_attention", &routed_attention);
+  m.impl("routed_attention_backward", &routed_attention_backward);
+}
+#endif
 
 }  // namespace cram

@@ -1,0 +1,8 @@
+// Routed-attention backward, head dim 64, fp16.
+#include "routed_attention/routed_attention_bwd_launch.cuh"
+
+namespace cram {
+namespace ra {
+template void run_routed_attention_bwd<64, cutlass::half_t>(const RoutedAttentionParams&, cudaStream_t);
+}  // namespace ra
+}  // namespace cram

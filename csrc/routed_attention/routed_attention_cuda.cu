@@ -1,0 +1,61 @@
+// Entry points of the CUDA routed attention: dispatch on (element type, head dim) to the
+// launchers instantiated in routed_attention_{fwd,bwd}_hdim*_*.cu.
+
+#include <cutlass/numeric_types.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "routed_attention/routed_attention_bwd_kernel.cuh"
+#include "routed_attention/routed_attention_fwd_kernel.cuh"
+#include "routed_attention/routed_attention_launch.h"
+#include "routed_attention/routed_attention_params.h"
+
+namespace cram {
+namespace {
+
+template <class F>
+void dispatch(const RoutedAttentionParams& p, const char* what, F&& f) {
+  const bool bf16 = p.dtype == ElementType::kBFloat16, fp16 = p.dtype == ElementType::kFloat16;
+  if (!bf16 && !fp16) throw std::invalid_argument(std::string(what) + ": CUDA supports float16 and bfloat16 only");
+  if (p.head_dim == 64) {
+    if (bf16) return f(std::integral_constant<int, 64>{}, cutlass::bfloat16_t{});
+    return f(std::integral_constant<int, 64>{}, cutlass::half_t{});
+  }
+  if (p.head_dim == 128) {
+    if (bf16) return f(std::integral_constant<int, 128>{}, cutlass::bfloat16_t{});
+    return f(std::integral_constant<int, 128>{}, cutlass::half_t{});
+  }
+  throw std::invalid_argument(std::string(what) + ": CUDA supports head dims 64 and 128, got " +
+                              std::to_string(p.head_dim));
+}
+
+}  // namespace
+
+size_t routed_attention_fwd_workspace_bytes(const RoutedAttentionParams& p) {
+  size_t bytes = 0;
+  dispatch(p, "routed_attention", [&](auto d, auto) {
+    constexpr int D = decltype(d)::value;
+    using Config = ra::FwdConfig<D>;
+    bytes = ra::FwdWorkspace::bytes(ra::fwd_split_capacity(p, Config::kBlockN), Config::kBlockM, D);
+  });
+  return bytes;
+}
+
+void routed_attention_fwd_cuda(const RoutedAttentionParams& p, void* stream) {
+  dispatch(p, "routed_attention", [&](auto d, auto e) {
+    ra::run_routed_attention_fwd<decltype(d)::value, decltype(e)>(p, static_cast<cudaStream_t>(stream));
+  });
+}
+
+size_t routed_attention_bwd_workspace_bytes(const RoutedAttentionParams& p) {
+  return ra::BwdWorkspace::bytes(p.batch, p.num_heads, p.seqlen_q);
+}
+
+void routed_attention_bwd_cuda(const RoutedAttentionParams& p, void* stream) {
+  dispatch(p, "routed_attention_backward", [&](auto d, auto e) {
+    ra::run_routed_attention_bwd<decltype(d)::value, decltype(e)>(p, static_cast<cudaStream_t>(stream));
+  });
+}
+
+}  // namespace cram

@@ -1,0 +1,402 @@
+// Forward of routed attention, FlashAttention-2 style on SM80 MMA atoms (run on sm_90a):
+// one CTA per (tile of kBlockM routed queries, head, batch row) -- or per (tile, key split)
+// when the tiles are too few to fill the GPU -- with an online softmax over key tiles.
+//
+// A query tile is gathered through index: row i holds position t_i = index[b, slot0 + i].
+// Keys run over tiles 0 .. (t_max + S - T) / kBlockN; the causal mask j <= t_i + (S - T)
+// is applied only on key tiles past t_min + (S - T). Output rows are scattered back to
+// out[b, t_i, h, :] and lse[b, h, t_i]; rows that are not routed are never touched (the
+// launcher pre-fills out = 0 and lse = -inf).
+#pragma once
+
+#include "routed_attention/routed_attention_utils.cuh"
+
+namespace cram {
+namespace ra {
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, class Element_>
+struct FwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = kNWarps * 32;
+  static_assert(kHeadDim % 64 == 0, "head dim must be a multiple of 64");
+  static_assert(kBlockM % (16 * kNWarps) == 0, "each warp takes 16-row slabs of the query tile");
+  static_assert(kBlockM <= kNThreads, "one thread per query row for the row metadata");
+  static_assert(kBlockN % 16 == 0);
+
+  using MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>, MMA_Atom<SM80_16x8x16_F32F16F16F32_TN>,
+                                     MMA_Atom<SM80_16x8x16_F32BF16BF16F32_TN>>;
+  // Warps stacked along M; every warp sees the whole key tile.
+  using TiledMma = TiledMMA<MmaAtom, Layout<Shape<Int<kNWarps>, _1, _1>>, Tile<Int<16 * kNWarps>, _16, _16>>;
+
+  // 64-column pages swizzled so that ldmatrix and 16-byte cp.async are conflict-free.
+  using SmemLayoutAtom = decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
+  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  // V seen as (D, kBlockN): the B operand of P @ V.
+  using SmemLayoutVt =
+      decltype(composition(SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
+  using SmemLayoutVtNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutVt{}));
+
+  using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Element>;
+  using SmemCopyAtomT = Copy_Atom<SM75_U16x8_LDSM_T, Element>;
+  using SmemCopyAtomO = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>;
+
+  static constexpr int kSmemQElems = decltype(size(SmemLayoutQ{}))::value;
+  static constexpr int kSmemKVElems = decltype(size(SmemLayoutKV{}))::value;
+  static constexpr int kSmemBytes = (kSmemQElems + 2 * kSmemKVElems) * int(sizeof(Element));
+};
+
+// Tile shapes per head dim (both dtypes). 128 x 64 with 4 warps (32 query rows a warp) as
+// FlashAttention-2 on SM80 for D = 128. For D = 64, FA2 uses 128 x 128; here that spills
+// (ptxas, nvcc 13, sm_90a) and 128 x 64 does not: to be settled by measurement.
+template <int kHeadDim>
+struct FwdConfig {
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 64;
+  static constexpr int kNWarps = 4;
+};
+
+// Workspace of the split-KV path: `capacity` work items of (kBlockM x D) fp32 partial
+// outputs followed by their (kBlockM) fp32 partial log-sum-exps.
+struct FwdWorkspace {
+  float* o;
+  float* lse;
+  __host__ __device__ FwdWorkspace(void* base, int capacity, int block_m, int head_dim)
+      : o(static_cast<float*>(base)),
+        lse(static_cast<float*>(base) + static_cast<int64_t>(capacity) * block_m * head_dim) {}
+  static size_t bytes(int capacity, int block_m, int head_dim) {
+    return static_cast<size_t>(capacity) * block_m * (head_dim + 1) * sizeof(float);
+  }
+};
+
+// split_capacity: work items the workspace holds (0: never split). In split mode CTA w
+// handles tile w % num_tiles and key split w / num_tiles and writes (O, lse) partials to
+// work item w; the combine kernel merges them.
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    routed_attention_fwd_kernel(const __grid_constant__ RoutedAttentionParams p, const int split_capacity) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kNThreads = Traits::kNThreads;
+
+  extern __shared__ __align__(128) char smem[];
+  __shared__ int s_scratch[kNThreads / 32 + 2];
+  __shared__ int s_pos[kBlockM];
+  __shared__ int s_limit[kBlockM];
+
+  const int tid = threadIdx.x;
+  const int T = p.seqlen_q, S = p.seqlen_k, shift = S - T;
+
+  // ---- which tile (and which key split) this CTA computes, from counts on the device
+  int tile_id = blockIdx.x, split = 0, n_split = 1;
+  if (split_capacity > 0) {
+    const int n_tiles = count_query_tiles<kNThreads>(p, kBlockM, s_scratch);
+    n_split = fwd_num_splits(n_tiles, split_capacity, ceil_div(S, kBlockN));
+    if (n_split > 1) {
+      if (static_cast<int>(blockIdx.x) >= n_tiles * n_split) return;
+      tile_id = blockIdx.x % n_tiles;
+      split = blockIdx.x / n_tiles;
+    }
+  }
+  QueryTile tile;
+  const int n_tiles = locate_query_tile<kNThreads>(p, kBlockM, tile_id, tile, s_scratch);
+  if (tile_id >= n_tiles) return;
+  const int b = tile.b, h = tile.h;
+
+  const int my_pos = tid < kBlockM ? routed_position(p, b, tile.slot0 + tid, tile.slot_end()) : -1;
+  if (tid < kBlockM) s_pos[tid] = my_pos;
+  const int t_min = block_allreduce<kNThreads>(my_pos >= 0 ? my_pos : INT_MAX, s_scratch, OpMin{});
+  const int t_max = block_allreduce<kNThreads>(my_pos, s_scratch, OpMax{});
+  if (t_max < 0) return;  // no valid position in the tile (malformed index only)
+
+  // ---- key range
+  const int n_key_tiles = (t_max + shift) / kBlockN + 1;
+  int n_lo = 0, n_hi = n_key_tiles;
+  if (n_split > 1) {
+    const int chunk = ceil_div(n_key_tiles, n_split);
+    n_lo = split * chunk;
+    n_hi = min(n_key_tiles, n_lo + chunk);
+  }
+  // Tiles from here on hold keys past t_min + shift: some rows need the causal mask.
+  const int n_first_masked = (t_min + shift + 1) / kBlockN;
+  const FwdWorkspace ws(p.workspace, split_capacity, kBlockM, kHeadDim);
+  if (n_lo >= n_hi) {  // an empty split (a short tile): contributes nothing to the merge
+    if (tid < kBlockM) ws.lse[static_cast<int64_t>(blockIdx.x) * kBlockM + tid] = -INFINITY;
+    return;
+  }
+
+  const int kv_head = h / (p.num_heads / p.num_kv_heads);
+  const Element* q_ptr = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_batch_stride + kv_head * p.k_head_stride;
+  const Element* v_ptr = static_cast<const Element*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride;
+
+  // ---- shared memory
+  Element* smem_q = reinterpret_cast<Element*>(smem);
+  Element* smem_k = smem_q + Traits::kSmemQElems;
+  Element* smem_v = smem_k + Traits::kSmemKVElems;
+  Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem_k), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(smem_v), typename Traits::SmemLayoutKV{});
+  Tensor sVt = make_tensor(make_smem_ptr(smem_v), typename Traits::SmemLayoutVt{});
+  Tensor sVtNoSwizzle = make_tensor(make_smem_ptr(smem_v), typename Traits::SmemLayoutVtNoSwizzle{});
+
+  auto load_q = [&]() {
+    load_rows_async<kBlockM, kHeadDim, kNThreads>(
+        sQ,
+        [&](int r) -> const Element* {
+          const int t = s_pos[r];
+          return t >= 0 ? q_ptr + static_cast<int64_t>(t) * p.q_row_stride : nullptr;
+        },
+        q_ptr);
+  };
+  auto load_kv = [&](auto& sX, const Element* base, int64_t row_stride, int n) {
+    load_rows_async<kBlockN, kHeadDim, kNThreads>(
+        sX,
+        [&](int r) -> const Element* {
+          const int j = n * kBlockN + r;
+          return j < S ? base + static_cast<int64_t>(j) * row_stride : nullptr;
+        },
+        base);
+  };
+
+  // ---- MMA partitions
+  typename Traits::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tid);
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);
+  Tensor tSrK = thr_mma.partition_fragment_B(sK);
+  Tensor tOrVt = thr_mma.partition_fragment_B(sVtNoSwizzle);
+  Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+
+  auto smem_tiled_copy_Q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto smem_thr_copy_Q = smem_tiled_copy_Q.get_thread_slice(tid);
+  Tensor tSsQ = smem_thr_copy_Q.partition_S(sQ);
+  auto smem_tiled_copy_K = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto smem_thr_copy_K = smem_tiled_copy_K.get_thread_slice(tid);
+  Tensor tSsK = smem_thr_copy_K.partition_S(sK);
+  auto smem_tiled_copy_V = make_tiled_copy_B(typename Traits::SmemCopyAtomT{}, tiled_mma);
+  auto smem_thr_copy_V = smem_tiled_copy_V.get_thread_slice(tid);
+  Tensor tOsVt = smem_thr_copy_V.partition_S(sVt);
+
+  // (row, col) coordinates of this thread's score elements, as a (rows, cols) view.
+  Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor tScS = thr_mma.partition_C(cS);
+  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol_layout(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(tScS_rc))::value;
+  constexpr int kCols = decltype(size<1>(tScS_rc))::value;
+
+  // ---- prologue: Q and the last key tile in flight
+  load_q();
+  load_kv(sK, k_ptr, p.k_row_stride, n_hi - 1);
+  cp_async_commit();
+
+  // Last key each row may see (invalid rows: any finite pattern, they are never stored).
+  if (tid < kBlockM) s_limit[tid] = (my_pos >= 0 ? my_pos : t_min) + shift;
+  __syncthreads();
+
+  float row_max[kRows], row_sum[kRows];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    row_max[i] = -INFINITY;
+    row_sum[i] = 0.f;
+  }
+  clear(acc_o);
+  Tensor acc_o_rc = make_tensor(acc_o.data(), acc_rowcol_layout(acc_o.layout()));
+  const float scale_log2 = p.scale_log2;
+
+  for (int n = n_hi - 1; n >= n_lo; --n) {
+    Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    cp_async_wait<0>();
+    __syncthreads();  // K[n] landed; every warp is done with V[n + 1]
+    load_kv(sV, v_ptr, p.v_row_stride, n);
+    cp_async_commit();
+
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_tiled_copy_Q, smem_tiled_copy_K, smem_thr_copy_Q,
+            smem_thr_copy_K);
+
+    cp_async_wait<0>();
+    __syncthreads();  // V[n] landed; every warp is done with K[n]
+    if (n > n_lo) {
+      load_kv(sK, k_ptr, p.k_row_stride, n - 1);
+      cp_async_commit();
+    }
+
+    // Scores in the log2 domain, masked, then the online softmax update.
+    Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
+    const bool need_mask = n >= n_first_masked;
+    const int col0 = n * kBlockN;
+    int limit[kRows];  // last visible column of each row in this tile
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) limit[i] = need_mask ? s_limit[get<0>(tScS_rc(i, 0))] - col0 : INT_MAX;
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      const int j = get<1>(tScS_rc(0, c));
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const float x = s(i, c) * scale_log2;
+        s(i, c) = j > limit[i] ? -INFINITY : x;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      float m = row_max[i];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) m = fmaxf(m, s(i, c));
+      m = quad_max(m);
+      const float m_use = m == -INFINITY ? 0.f : m;  // a row with every key masked so far
+      const float corr = exp2f(row_max[i] - m_use);
+      row_max[i] = m;
+      float sum = row_sum[i] * corr;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const float e = exp2f(s(i, c) - m_use);
+        s(i, c) = e;
+        sum += e;
+      }
+      row_sum[i] = sum;
+#pragma unroll
+      for (int c = 0; c < decltype(size<1>(acc_o_rc))::value; ++c) acc_o_rc(i, c) *= corr;
+    }
+
+    Tensor rP = convert_fragment<Element>(acc_s);
+    Tensor tOrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
+    gemm_rs(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_tiled_copy_V, smem_thr_copy_V);
+  }
+
+  // ---- epilogue: normalise, log-sum-exp (natural log)
+  float row_lse[kRows];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const float sum = quad_sum(row_sum[i]);
+    const bool any = sum > 0.f;
+    const float inv = any ? 1.f / sum : 0.f;
+    row_lse[i] = any ? (row_max[i] + __log2f(sum)) * kLn2 : -INFINITY;
+#pragma unroll
+    for (int c = 0; c < decltype(size<1>(acc_o_rc))::value; ++c) acc_o_rc(i, c) *= inv;
+  }
+  const bool quad_leader = (tid % 4) == 0;
+
+  if (n_split > 1) {
+    // Partials in fp32, one row of kHeadDim per query row, for the combine kernel.
+    float* o_ws = ws.o + static_cast<int64_t>(blockIdx.x) * kBlockM * kHeadDim;
+    Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
+    Tensor tOcO = thr_mma.partition_C(cO);
+    static_assert(decltype(size(acc_o))::value % 2 == 0);
+#pragma unroll
+    for (int e = 0; e < decltype(size(acc_o))::value; e += 2) {
+      const int r = get<0>(tOcO(e)), d = get<1>(tOcO(e));  // elements e, e + 1: columns d, d + 1
+      *reinterpret_cast<float2*>(o_ws + r * kHeadDim + d) = make_float2(acc_o(e), acc_o(e + 1));
+    }
+    if (quad_leader) {
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        ws.lse[static_cast<int64_t>(blockIdx.x) * kBlockM + get<0>(tScS_rc(i, 0))] = row_lse[i];
+      }
+    }
+    return;
+  }
+
+  // Output through smem (the Q buffer: every warp finished its last Q·K^T before the
+  // barrier inside the last iteration, and reads only its own rows anyway).
+  Tensor rO = convert_fragment<Element>(acc_o);
+  Tensor sO = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutQ{});
+  auto smem_tiled_copy_O = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, tiled_mma);
+  auto smem_thr_copy_O = smem_tiled_copy_O.get_thread_slice(tid);
+  cute::copy(smem_tiled_copy_O, smem_thr_copy_O.retile_S(rO), smem_thr_copy_O.partition_D(sO));
+  if (quad_leader) {
+    float* lse_row = p.lse + (static_cast<int64_t>(b) * p.num_heads + h) * T;
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const int t = s_pos[get<0>(tScS_rc(i, 0))];
+      if (t >= 0) lse_row[t] = row_lse[i];
+    }
+  }
+  __syncthreads();
+  Element* out_ptr = static_cast<Element*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
+  store_rows<kBlockM, kHeadDim, kNThreads>(sO, [&](int r) -> Element* {
+    const int t = s_pos[r];
+    return t >= 0 ? out_ptr + static_cast<int64_t>(t) * p.out_row_stride : nullptr;
+  });
+}
+
+// Merges the split-KV partials of one tile per CTA: lse = log sum_s exp(lse_s),
+// out = sum_s exp(lse_s - lse) O_s, scattered to the routed rows.
+template <int kHeadDim, int kBlockM, int kBlockN, class Element>
+__global__ void __launch_bounds__(kBlockM)
+    routed_attention_fwd_combine_kernel(const __grid_constant__ RoutedAttentionParams p, const int split_capacity) {
+  constexpr int kNThreads = kBlockM;
+  __shared__ int s_scratch[kNThreads / 32 + 2];
+  __shared__ int s_pos[kBlockM];
+  __shared__ float s_weight[kMaxSplits][kBlockM];
+
+  const int tid = threadIdx.x;
+  const int T = p.seqlen_q;
+  const int n_tiles = count_query_tiles<kNThreads>(p, kBlockM, s_scratch);
+  const int n_split = fwd_num_splits(n_tiles, split_capacity, ceil_div(p.seqlen_k, kBlockN));
+  if (n_split < 2) return;  // the forward wrote the output itself
+  const int tile_id = blockIdx.x;
+  if (tile_id >= n_tiles) return;
+  QueryTile tile;
+  locate_query_tile<kNThreads>(p, kBlockM, tile_id, tile, s_scratch);
+  const int b = tile.b, h = tile.h;
+  const FwdWorkspace ws(p.workspace, split_capacity, kBlockM, kHeadDim);
+
+  const int t = routed_position(p, b, tile.slot0 + tid, tile.slot_end());
+  s_pos[tid] = t;
+  if (t >= 0) {
+    float lse_s[kMaxSplits];
+    float m = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s) {
+      lse_s[s] = s < n_split ? ws.lse[(static_cast<int64_t>(s) * n_tiles + tile_id) * kBlockM + tid] : -INFINITY;
+      m = fmaxf(m, lse_s[s]);
+    }
+    float sum = 0.f;
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s) sum += lse_s[s] == -INFINITY ? 0.f : __expf(lse_s[s] - m);
+    const float lse = m == -INFINITY ? -INFINITY : m + __logf(sum);
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s) {
+      s_weight[s][tid] = (lse_s[s] == -INFINITY || lse == -INFINITY) ? 0.f : __expf(lse_s[s] - lse);
+    }
+    p.lse[(static_cast<int64_t>(b) * p.num_heads + h) * T + t] = lse;
+  }
+  __syncthreads();
+
+  Element* out_ptr = static_cast<Element*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
+  constexpr int kVecPerRow = kHeadDim / 4;
+  for (int idx = tid; idx < kBlockM * kVecPerRow; idx += kNThreads) {
+    const int r = idx / kVecPerRow, d = (idx % kVecPerRow) * 4;
+    const int pos = s_pos[r];
+    if (pos < 0) continue;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s = 0; s < n_split; ++s) {
+      const float w = s_weight[s][r];
+      if (w == 0.f) continue;  // empty split: its partial O was never written
+      const float4 o = *reinterpret_cast<const float4*>(
+          ws.o + ((static_cast<int64_t>(s) * n_tiles + tile_id) * kBlockM + r) * kHeadDim + d);
+      acc.x += w * o.x;
+      acc.y += w * o.y;
+      acc.z += w * o.z;
+      acc.w += w * o.w;
+    }
+    cutlass::NumericArrayConverter<Element, float, 4, cutlass::FloatRoundStyle::round_to_nearest> conv;
+    cutlass::Array<float, 4> in;
+    in[0] = acc.x;
+    in[1] = acc.y;
+    in[2] = acc.z;
+    in[3] = acc.w;
+    const cutlass::Array<Element, 4> o = conv(in);
+    *reinterpret_cast<uint2*>(out_ptr + static_cast<int64_t>(pos) * p.out_row_stride + d) =
+        *reinterpret_cast<const uint2*>(&o);
+  }
+}
+
+}  // namespace ra
+}  // namespace cram

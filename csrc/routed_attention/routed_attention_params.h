@@ -1,0 +1,78 @@
+// Torch-free interface between the routed-attention launcher (routed_attention_api.cpp)
+// and the CUDA kernels (routed_attention_*.cu). Semantics: DESIGN.md §2.
+//
+// Layouts: q, out, grad_out, grad_q are (B, T, H, D); k, v, grad_k, grad_v are
+// (B, S, Hk, D); every one of them has a unit stride along D, 16-byte aligned rows
+// (base pointer 16-byte aligned, batch/seq/head strides multiples of 8 elements), and
+// the element type `dtype`. lse is (B, H, T) float32 contiguous; index is (B, T) int32
+// contiguous; counts is (B,) int32.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "common/element_type.h"
+
+namespace cram {
+
+struct RoutedAttentionParams {
+  // Sizes. T: query positions, S >= T: keys (bottom-right causal alignment, shift S - T).
+  int batch = 0, seqlen_q = 0, seqlen_k = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  ElementType dtype = ElementType::kBFloat16;
+
+  // Strides in elements (batch, sequence, head); the head-dim stride is 1.
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
+  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
+  int64_t out_batch_stride = 0, out_row_stride = 0, out_head_stride = 0;
+
+  // Routing: index[b, :counts[b]] are the routed positions of row b (increasing);
+  // slots past counts[b] are ignored. Bad entries (t outside [0, T), counts outside
+  // [0, T]) are skipped or clamped: never an out-of-bounds access.
+  const int32_t* index = nullptr;  // (B, T)
+  const int32_t* counts = nullptr;  // (B,)
+
+  // Forward. out must arrive zero-filled and lse filled with -inf: the kernels write
+  // the routed rows only.
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;  // (B, H, T); read by the backward
+
+  float softmax_scale = 0.f;
+  float scale_log2 = 0.f;  // softmax_scale * log2(e)
+
+  // Backward. grad_q must arrive zero-filled (only routed rows are written); every
+  // row of grad_k and grad_v is written.
+  const void* grad_out = nullptr;
+  void* grad_q = nullptr;
+  void* grad_k = nullptr;
+  void* grad_v = nullptr;
+  int64_t do_batch_stride = 0, do_row_stride = 0, do_head_stride = 0;
+  int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
+  int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
+  int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
+  // The kernels are deterministic whatever this says (no atomics anywhere); kept so that
+  // a faster non-deterministic dQ path can be added behind it later.
+  bool deterministic = true;
+
+  // Scratch memory of the size that *_workspace_bytes returned for these params, 256-byte
+  // aligned; its content on entry does not matter.
+  void* workspace = nullptr;
+
+  int num_sms = 132;  // multiprocessors of the device (sizes the split-KV workspace)
+};
+
+#ifdef CRAM_WITH_CUDA
+// Bytes of workspace the forward needs: a function of the shapes and num_sms only, never
+// of counts/index, so it can be allocated without a host sync. May be 0.
+size_t routed_attention_fwd_workspace_bytes(const RoutedAttentionParams& p);
+void routed_attention_fwd_cuda(const RoutedAttentionParams& p, void* stream);
+
+// Bytes of workspace the backward needs (same rules). May be 0.
+size_t routed_attention_bwd_workspace_bytes(const RoutedAttentionParams& p);
+void routed_attention_bwd_cuda(const RoutedAttentionParams& p, void* stream);
+#endif
+
+}  // namespace cram
