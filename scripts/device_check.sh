@@ -17,10 +17,10 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build test sanitize bench)
 summary=()
 
-run_stage() {  # name, command...
+run_stage() {  # name, command...  (each stage is cut at STAGE_TIMEOUT seconds)
   local name=$1; shift
   local t0=$SECONDS
-  "$@" >"$OUT/$name.log" 2>&1
+  timeout "${STAGE_TIMEOUT:-400}" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   summary+=("$(printf '%-22s rc=%-3s %4ss' "$name" "$rc" $((SECONDS - t0)))")
   tail -n 15 "$OUT/$name.log"
