@@ -81,7 +81,11 @@ def device_slug(name: str) -> str:
 
 
 def git_commit() -> str:
-    """git rev-parse HEAD, plus '-dirty' when the tree has changes (bench/results/ excluded)."""
+    """git rev-parse HEAD, plus '-dirty' when the tree has changes (bench/results/ excluded).
+
+    CRAM_COMMIT overrides it, for copies of the tree without .git (the device machine)."""
+    if os.environ.get("CRAM_COMMIT"):
+        return os.environ["CRAM_COMMIT"]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, check=True, timeout=30

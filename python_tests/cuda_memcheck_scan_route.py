@@ -167,6 +167,10 @@ def route_case(B: int, T: int, C: int, dtype: torch.dtype, bias_value: float, wi
     grads = torch.autograd.grad(r.prob, (hidden, weight, bias), grad_prob)
     ref_grads = torch.autograd.grad(ref.prob, (hr, wr, br), grad_prob)
     tol = TOL[dtype]
+    if bias_value > 4:
+        # Near prob = 1 the gradient's factor (1 - prob) is a cancellation: one ulp of
+        # prob (~6e-8) is ~2e-4 of (1 - prob) at bias 8, in the reference as much as here.
+        tol = max(tol, 1e-3)
     for label, g, gr in zip(("hidden", "weight", "bias"), grads, ref_grads):
         check_close(f"{name}: grad {label}", g, gr, max(tol, 1e-5) if label != "hidden" else tol)
 

@@ -62,4 +62,4 @@ for stage in "${stages[@]}"; do
 done
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
 # The device tool returns at most 8 files: pack the logs into one.
-(cd "$OUT" && tar czf logs.tgz ./*.log && rm -f ./*.log)
+(cd "$OUT" && tar czf "logs_${stages[0]}.tgz" ./*.log && rm -f ./*.log)

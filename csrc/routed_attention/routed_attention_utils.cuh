@@ -352,7 +352,10 @@ __device__ __forceinline__ float quad_sum(float v) {
 // Opts a kernel into more than 48 KB of dynamic shared memory.
 template <class Kernel>
 inline void set_max_dynamic_smem(Kernel kernel, int bytes) {
-  if (bytes > 48 * 1024) {
+  // Set whenever there is dynamic memory: the 48 KB default covers static and
+  // dynamic shared memory together, so a kernel with exactly 48 KB dynamic plus a
+  // few static arrays fails to launch without it.
+  if (bytes > 0) {
     CRAM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   }
 }
