@@ -30,6 +30,12 @@ for stage in "${stages[@]}"; do
   case $stage in
     build)
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+      # The device image's default g++ (/opt/gcc) links parts of its own libstdc++ into
+      # the extension, which then clash with the libstdc++ torch loaded (a segfault in
+      # the first exception message that formats an integer). The system g++ doesn't.
+      if [ -x /usr/bin/g++ ] && [ "$(command -v g++)" != /usr/bin/g++ ]; then
+        export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
+      fi
       run_stage build env MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install --no-build-isolation -e . -v
       # Hand the built extension back so a later call can carry it instead of rebuilding.
       cp cram_ext/_C.cpython-3*-x86_64-linux-gnu.so "$OUT/" 2>/dev/null
