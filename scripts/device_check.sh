@@ -30,10 +30,12 @@ for stage in "${stages[@]}"; do
   case $stage in
     build)
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-      # The device image's default g++ (/opt/gcc) links parts of its own libstdc++ into
-      # the extension, which then clash with the libstdc++ torch loaded (a segfault in
-      # the first exception message that formats an integer). The system g++ doesn't.
-      if [ -x /usr/bin/g++ ] && [ "$(command -v g++)" != /usr/bin/g++ ]; then
+      # The device image's Python links extensions with its /opt/gcc/bin/g++ wrapper,
+      # which puts parts of libstdc++ into the extension; they clash with the libstdc++
+      # torch loaded (a segfault in the first exception message formatting an integer).
+      # Compile and link with the system g++ instead.
+      if [ -x /opt/gcc/bin/g++ ] && [ -x /usr/bin/g++ ]; then
+        cat /opt/gcc/bin/g++ > "$OUT/opt_gcc_wrapper.log"
         export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
       fi
       run_stage build env MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install --no-build-isolation -e . -v
