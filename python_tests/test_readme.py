@@ -12,3 +12,13 @@ def test_readme_python_examples_run():
     assert examples, "README has no runnable python example"
     for code in examples:
         exec(compile(code, str(README), "exec"), {})
+
+
+def test_benchmark_tables_match_results():
+    """docs/benchmarks.md is generated from bench/results/: regenerate it when results change."""
+    import sys
+
+    sys.path.insert(0, str(README.parent))
+    from bench.report import render
+
+    assert (README.parent / "docs" / "benchmarks.md").read_text() == render()

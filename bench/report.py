@@ -1,0 +1,129 @@
+"""Markdown summary of the JSON records in bench/results/, for the README.
+
+    python -m bench.report            # every device found in bench/results/
+    python -m bench.report --device cpu
+
+Each table compares records of one run: cram beside its baselines at the same
+shape, dtype, pass (and density), and reads bandwidth against the run's own copy
+record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load(device: str | None) -> dict[str, list[dict]]:
+    """Records by device name, skipping --quick smoke runs."""
+    by_device: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted(RESULTS.glob("*.json")):
+        if path.stem.endswith("_quick"):
+            continue
+        for rec in json.loads(path.read_text()):
+            if device is None or rec["device"] == device:
+                by_device[rec["device"]].append(rec)
+    return by_device
+
+
+def shape_str(shape: dict) -> str:
+    return "×".join(str(v) for v in shape.values())
+
+
+def key(rec: dict) -> tuple:
+    return (rec["bench"], json.dumps(rec["shape"]), rec["dtype"], rec["pass"], rec["density"])
+
+
+def copy_gbps(records: list[dict]) -> float | None:
+    copies = [r for r in records if r["bench"] == "copy"]
+    return copies[0]["bytes"] / copies[0]["ms"] / 1e6 if copies else None
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def memory_bound_table(records: list[dict], bench: str, baselines: list[str]) -> str | None:
+    """cram's time, its share of copy bandwidth, and each baseline's time over cram's."""
+    gbps = copy_gbps(records)
+    cram = [r for r in records if r["bench"] == bench and r["impl"] == "cram"]
+    if not cram:
+        return None
+    index = {(key(r), r["impl"]): r for r in records if r["bench"] == bench}
+    present = [b for b in baselines if any(i == b for _, i in index)]
+    rows = []
+    for r in cram:
+        row = [shape_str(r["shape"]), r["dtype"], r["pass"], f"{r['ms']:.3f}"]
+        # A CPU's copy record measures DRAM while these sizes partly sit in cache: no ratio there.
+        if gbps and r["bytes"] and r["device"] != "cpu":
+            row.append(f"{r['bytes'] / r['ms'] / 1e6 / gbps:.0%}")
+        else:
+            row.append("–")
+        for b in present:
+            base = index.get((key(r), b))
+            row.append(f"{base['ms'] / r['ms']:.2f}×" if base else "–")
+        rows.append(row)
+    header = ["shape (B×T×C)", "dtype", "pass", "cram ms", "of copy BW"] + [f"{b} / cram" for b in present]
+    return table(header, rows)
+
+
+def attention_table(records: list[dict]) -> str | None:
+    """cram at each density beside the dense baselines (no density) and FlexAttention at it."""
+    cram = [r for r in records if r["bench"] == "routed_attention" and r["impl"] == "cram"]
+    if not cram:
+        return None
+    dense = {(json.dumps(r["shape"]), r["dtype"], r["pass"], r["impl"]): r
+             for r in records if r["bench"] == "routed_attention" and r["density"] is None}
+    flex = {key(r): r for r in records if r["impl"] == "flex_gathered"}
+    dense_impls = sorted({i for *_, i in dense})
+    rows = []
+    for r in cram:
+        s = json.dumps(r["shape"])
+        row = [shape_str(r["shape"]), r["pass"], f"{r['density']:g}", f"{r['ms']:.3f}"]
+        row.append(f"{r['flops'] / r['ms'] / 1e9:.3g}" if r["flops"] else "–")
+        for impl in dense_impls:
+            base = dense.get((s, r["dtype"], r["pass"], impl))
+            row.append(f"{r['ms'] / base['ms']:.3f}" if base else "–")
+        base = flex.get(key(r))
+        row.append(f"{r['ms'] / base['ms']:.2f}" if base else "–")
+        rows.append(row)
+    header = ["shape (B×H×Hk×T×S×D)", "pass", "ρ", "cram ms", "cram TFLOP/s"]
+    header += [f"cram / {impl}" for impl in dense_impls] + ["cram / flex_gathered"]
+    return table(header, rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="a device name as recorded (default: all)")
+    args = p.parse_args()
+    print(render(args.device), end="")
+
+
+def render(device: str | None = None) -> str:
+    """The whole report as markdown (docs/benchmarks.md is this, for every device)."""
+    out = ["# Benchmark results\n", "Generated from bench/results/*.json by `python -m bench.report`; do not edit.\n"]
+    for device_name, records in load(device).items():
+        meta = records[0]
+        commits = sorted({r["commit"][:10] for r in records})
+        out.append(f"## {device_name} (torch {meta['torch']}; commits {', '.join(commits)})\n")
+        gbps = copy_gbps(records)
+        if gbps:
+            out.append(f"Measured copy bandwidth: {gbps:.0f} GB/s (bytes read + written).\n")
+        sections = [
+            ("gated_scan", memory_bound_table(records, "gated_scan", [
+                "fla_chunk_hgrn", "associative_scan_compile", "torch_compile", "torch_eager", "reference_loop"])),
+            ("route", memory_bound_table(records, "route", ["torch_eager", "torch_compile"])),
+            ("routed_attention (time relative to dense; < 1 is faster)", attention_table(records)),
+        ]
+        out += [f"**{title}**\n\n{body}\n" for title, body in sections if body]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
