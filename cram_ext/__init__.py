@@ -6,7 +6,8 @@ import json
 
 import torch
 
-from . import reference
+from . import nn, reference
+from .nn import RoutedAttention, WorkingMemory, aux_losses
 from .ops import check_route, gated_scan, route, routed_attention, set_debug
 from .route_types import Route
 
@@ -14,9 +15,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Route",
+    "RoutedAttention",
+    "WorkingMemory",
+    "aux_losses",
     "build_info",
     "check_route",
     "gated_scan",
+    "nn",
     "reference",
     "route",
     "routed_attention",

@@ -6,6 +6,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <limits>
@@ -89,9 +90,12 @@ void routed_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at
   const int64_t T = q.size(1), H = q.size(2), S = k.size(1), group = H / k.size(2), shift = S - T;
   const std::vector<QueryBlock> blocks = query_blocks(routed_positions(index, counts, T), H);
 
+  // The ATen calls below must compute in the dtype they are given: a caller under
+  // autocast would otherwise have its matmuls cast to bfloat16 inside this kernel.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   // at::parallel_for does not carry the caller's thread-local state to its worker
   // threads; without it the ATen calls below would run with autograd on (recording
-  // a graph, racing on out's autograd metadata) and outside inference mode.
+  // a graph, racing on out's autograd metadata), outside inference mode and autocast.
   const at::ThreadLocalState tls;
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard tls_guard(tls);
@@ -124,7 +128,8 @@ void routed_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, c
   std::vector<std::vector<const QueryBlock*>> by_kv_head(q.size(0) * Hk);
   for (const QueryBlock& blk : blocks) by_kv_head[blk.batch * Hk + blk.head / group].push_back(&blk);
 
-  const at::ThreadLocalState tls;  // see routed_attention_fwd_cpu
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see the forward
+  const at::ThreadLocalState tls;
   at::parallel_for(0, static_cast<int64_t>(by_kv_head.size()), 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard tls_guard(tls);
     for (int64_t bg = begin; bg < end; ++bg) {

@@ -1,0 +1,131 @@
+"""RoutedAttention: a causal self-attention layer whose attention runs only for routed tokens.
+
+One layer of DESIGN §1, steps 2-5: a router on the normalised input decides per token
+whether to attend; routed tokens get causal softmax attention (episodic memory), the
+others get the prediction of a small MLP (semantic memory). In training the MLP is
+distilled towards attention's output on routed tokens and the router learns to send
+to attention only the tokens the MLP still gets wrong.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import route, routed_attention
+
+
+class RoutedAttention(nn.Module):
+    """Drop-in causal self-attention, (B, T, E) -> (B, T, E), with consolidation routing.
+
+    Args:
+        embed_dim: E.
+        num_heads: query heads H; the head dim is E // H.
+        num_kv_heads: key/value heads Hk (grouped-query attention), default H.
+        threshold: a token is routed when the router's probability exceeds this.
+        semantic_hidden: hidden width of the semantic-memory MLP, default 2 * E.
+        explore: fraction of tokens force-routed in training, so the router keeps
+            seeing consolidated tokens (never in eval).
+        tol: relative error ||s - attn||^2 / ||attn||^2 above which the router's
+            target says "still needs attention".
+        router_bias_init: initial router bias; high, so everything starts routed and
+            attention use has to fall as consolidation succeeds.
+
+    After each forward, `last_stats` holds `utilization` (routed / all tokens) and
+    `attn_flop_fraction` (sum of (t+1) over routed t / over all t) as detached 0-dim
+    tensors (no host sync; call float() to log them), and in training `aux_loss` holds
+    the consolidation + router loss (see `aux_losses`).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        threshold: float = 0.5,
+        semantic_hidden: int | None = None,
+        explore: float = 0.02,
+        tol: float = 0.1,
+        router_bias_init: float = 3.0,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads}")
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.threshold, self.explore, self.tol = threshold, explore, tol
+        inner, kv_inner = num_heads * self.head_dim, num_kv_heads * self.head_dim
+        self.norm = nn.LayerNorm(embed_dim)
+        self.q_proj = nn.Linear(embed_dim, inner, bias=False)
+        self.k_proj = nn.Linear(embed_dim, kv_inner, bias=False)
+        self.v_proj = nn.Linear(embed_dim, kv_inner, bias=False)
+        self.out_proj = nn.Linear(inner, embed_dim, bias=False)
+        self.router_weight = nn.Parameter(torch.zeros(embed_dim))
+        self.router_bias = nn.Parameter(torch.tensor(float(router_bias_init)))
+        hidden = 2 * embed_dim if semantic_hidden is None else semantic_hidden
+        self.semantic = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, inner))
+        self.last_stats: dict[str, Tensor] = {}
+        self.aux_loss: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        z = self.norm(x)
+        force = None
+        if self.training and self.explore > 0:
+            force = torch.rand(B, T, device=x.device) < self.explore
+        r = route(z, self.router_weight, self.router_bias, self.threshold, force)
+
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        attn, _ = routed_attention(*self._attention_dtype(q, k, v), r.index, r.counts)
+        attn = attn.flatten(2).to(q.dtype)
+        semantic = self.semantic(z)
+        routed = r.mask.unsqueeze(-1)
+        y = self.out_proj(torch.where(routed, attn, semantic.to(attn.dtype)))
+
+        self.last_stats = self._stats(r.mask)
+        self.aux_loss = self._consolidation_losses(semantic, attn, r.prob, r.mask) if self.training else None
+        return y
+
+    @staticmethod
+    def _attention_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
+        """The CUDA kernels take float16/bfloat16: a float32 layer on CUDA attends in
+        bfloat16 (as flash-attention users do) and gets float32 back."""
+        if tensors[0].is_cuda and tensors[0].dtype == torch.float32:
+            return tuple(t.to(torch.bfloat16) for t in tensors)
+        return tensors
+
+    def _consolidation_losses(self, semantic: Tensor, attn: Tensor, prob: Tensor, mask: Tensor) -> Tensor:
+        """L_cons + L_route on the routed tokens, the only ones where attention is known."""
+        target = attn.detach().float()
+        err = (semantic.float() - target).pow(2).sum(-1)
+        weight = mask.float()
+        n = weight.sum().clamp_min(1.0)
+        cons = (err * weight).sum() / n / semantic.shape[-1]
+        still_wrong = (err.detach() / (target.pow(2).sum(-1) + 1e-6) > self.tol).float()
+        # BCE written out: F.binary_cross_entropy refuses to run under autocast.
+        p = prob.float().clamp(1e-6, 1 - 1e-6)
+        bce = -(still_wrong * p.log() + (1 - still_wrong) * (1 - p).log())
+        return cons + (bce * weight).sum() / n
+
+    @staticmethod
+    def _stats(mask: Tensor) -> dict[str, Tensor]:
+        t = torch.arange(1, mask.shape[1] + 1, device=mask.device, dtype=torch.float32)
+        m = mask.float()
+        return {
+            "utilization": m.mean(),
+            "attn_flop_fraction": (m * t).sum() / (t.sum() * mask.shape[0]),
+        }
+
+
+def aux_losses(model: nn.Module) -> Tensor:
+    """Sum of the consolidation and router losses of every RoutedAttention in `model`
+    from its last training forward (0 when there is none)."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, RoutedAttention) and m.aux_loss is not None]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack(losses).sum()

@@ -1,0 +1,38 @@
+"""WorkingMemory: the gated-scan layer of DESIGN §1, step 1."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import gated_scan
+
+
+class WorkingMemory(nn.Module):
+    """h[t] = exp(log_a[t]) * h[t-1] + W_u x[t] with log_a[t] = -dt[t] * softplus(W_a x[t] + b_a),
+    per channel; returns W_o h, (B, T, E) -> (B, T, E).
+
+    Args:
+        embed_dim: E.
+        state_dim: channels C of the recurrence, default E.
+
+    forward(x, dt=None, h0=None): dt (B, T) holds the time gaps of irregularly sampled
+    inputs (ones when None); h0 (B, C) float32 is the initial state. The final state
+    of the last forward is kept in `last_state`.
+    """
+
+    def __init__(self, embed_dim: int, state_dim: int | None = None) -> None:
+        super().__init__()
+        state_dim = embed_dim if state_dim is None else state_dim
+        self.gate = nn.Linear(embed_dim, state_dim)
+        self.inp = nn.Linear(embed_dim, state_dim, bias=False)
+        self.out = nn.Linear(state_dim, embed_dim, bias=False)
+        self.last_state: Tensor | None = None
+
+    def forward(self, x: Tensor, dt: Tensor | None = None, h0: Tensor | None = None) -> Tensor:
+        u = self.inp(x)
+        log_a = -F.softplus(self.gate(x))
+        if dt is not None:
+            log_a = log_a * dt.unsqueeze(-1)
+        h, self.last_state = gated_scan(u, log_a.to(u.dtype), h0)
+        return self.out(h)

@@ -1,0 +1,168 @@
+"""The nn modules: RoutedAttention as a drop-in causal attention, its routing and losses,
+and WorkingMemory against a plain recurrence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES
+
+import cram_ext
+from cram_ext import RoutedAttention, WorkingMemory, aux_losses
+
+E, H = 32, 4
+
+
+def _dense_reference(layer: RoutedAttention, x: torch.Tensor) -> torch.Tensor:
+    """out_proj(causal SDPA) through the layer's own projections: every token routed."""
+    B, T, _ = x.shape
+    q = layer.q_proj(x).view(B, T, layer.num_heads, -1).transpose(1, 2)
+    k = layer.k_proj(x).view(B, T, layer.num_kv_heads, -1).transpose(1, 2)
+    v = layer.v_proj(x).view(B, T, layer.num_kv_heads, -1).transpose(1, 2)
+    rep = layer.num_heads // layer.num_kv_heads
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return layer.out_proj(attn.transpose(1, 2).flatten(2))
+
+
+def _tol(device):
+    """On CUDA a float32 layer attends in bfloat16 (the kernels' dtypes)."""
+    return {"rtol": 1e-4, "atol": 1e-5} if device == "cpu" else {"rtol": 2e-2, "atol": 2e-2}
+
+
+def _layer(device, dtype=torch.float32, **kw):
+    # CUDA attention needs head dims of 64 or 128.
+    e = E if device == "cpu" else 2 * 64
+    return RoutedAttention(e, num_heads=e // (8 if device == "cpu" else 64), **kw).to(device, dtype), e
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_kv_heads", [None, 1])
+def test_everything_routed_at_init_equals_dense_causal_attention(device, num_kv_heads):
+    layer, e = _layer(device)
+    if num_kv_heads:
+        layer, e = _layer(device, num_kv_heads=num_kv_heads)
+    layer.eval()
+    x = torch.randn(2, 37, e, device=device)
+    with torch.no_grad():
+        y = layer(x)
+        ref = _dense_reference(layer, x)
+    assert float(layer.last_stats["utilization"]) == 1.0
+    assert float(layer.last_stats["attn_flop_fraction"]) == pytest.approx(1.0)
+    torch.testing.assert_close(y, ref, **_tol(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unrouted_tokens_take_the_semantic_memory(device):
+    layer, e = _layer(device, threshold=1.0)  # prob never exceeds 1: nothing routed in eval
+    layer.eval()
+    x = torch.randn(2, 19, e, device=device)
+    with torch.no_grad():
+        y = layer(x)
+        ref = layer.out_proj(layer.semantic(layer.norm(x)))
+    assert float(layer.last_stats["utilization"]) == 0.0
+    torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_routing_matches_per_token_choice(device):
+    layer, e = _layer(device)
+    with torch.no_grad():
+        layer.router_weight.normal_()
+        layer.router_bias.zero_()
+    layer.eval()
+    x = torch.randn(3, 29, e, device=device)
+    with torch.no_grad():
+        y = layer(x)
+        prob = torch.sigmoid(layer.norm(x) @ layer.router_weight + layer.router_bias)
+        routed = (prob > layer.threshold).unsqueeze(-1)
+        dense = _dense_reference(layer, x)
+        semantic = layer.out_proj(layer.semantic(layer.norm(x)))
+    u = float(layer.last_stats["utilization"])
+    assert 0.0 < u < 1.0
+    assert u == pytest.approx(routed.float().mean().item())
+    torch.testing.assert_close(y, torch.where(routed, dense, semantic), **_tol(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_losses_reach_every_parameter(device):
+    layer, e = _layer(device)
+    with torch.no_grad():
+        layer.router_weight.normal_(std=0.5)
+        layer.router_bias.fill_(0.2)
+    layer.train()
+    x = torch.randn(2, 33, e, device=device, requires_grad=True)
+    y = layer(x)
+    aux = aux_losses(layer)
+    assert aux.dim() == 0 and torch.isfinite(aux) and aux > 0
+    (y.square().mean() + aux).backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_is_deterministic_and_explores_only_in_training(device):
+    layer, e = _layer(device, threshold=1.0, explore=0.5)
+    x = torch.randn(2, 64, e, device=device)
+    layer.eval()
+    with torch.no_grad():
+        y1, y2 = layer(x), layer(x)
+    assert torch.equal(y1, y2)
+    assert float(layer.last_stats["utilization"]) == 0.0
+    assert layer.aux_loss is None and float(aux_losses(layer)) == 0.0
+    layer.train()
+    with torch.no_grad():
+        layer(x)
+    assert 0.2 < float(layer.last_stats["utilization"]) < 0.8  # the forced half
+
+
+def test_bad_head_configuration():
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        RoutedAttention(30, num_heads=4)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        RoutedAttention(32, num_heads=4, num_kv_heads=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_working_memory_matches_plain_recurrence(device):
+    wm = WorkingMemory(E, state_dim=24).to(device)
+    x = torch.randn(2, 21, E, device=device)
+    dt = torch.rand(2, 21, device=device) * 2
+    h0 = torch.randn(2, 24, device=device)
+    y = wm(x, dt=dt, h0=h0)
+    with torch.no_grad():
+        a = torch.exp(-dt.unsqueeze(-1) * F.softplus(wm.gate(x)))
+        u = wm.inp(x)
+        h, states = h0, []
+        for t in range(x.shape[1]):
+            h = a[:, t] * h + u[:, t]
+            states.append(h)
+        ref = wm.out(torch.stack(states, 1))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(wm.last_state, h, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert all(p.grad is not None for p in wm.parameters())
+
+
+def test_exports():
+    assert cram_ext.RoutedAttention is RoutedAttention and cram_ext.aux_losses is aux_losses
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_training_step(device):
+    layer, e = _layer(device)
+    wm = WorkingMemory(e).to(device)
+    with torch.no_grad():
+        layer.router_weight.normal_(std=0.5)
+        layer.router_bias.zero_()
+    x = torch.randn(2, 40, e, device=device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y = layer(wm(x))
+        loss = y.float().square().mean() + aux_losses(layer)
+    loss.backward()
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
