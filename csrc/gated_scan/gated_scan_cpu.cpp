@@ -108,40 +108,40 @@ void run_lane(const Lane& lane) {
   }
 }
 
+// Calls lane(seq, state, n) in parallel for every (batch row, channel slice): seq and
+// state are the slice's first element in the (B, T, C) and (B, C) tensors, n its width.
+template <typename Fn>
+void for_each_lane(int64_t batch, int64_t seqlen, int64_t channels, const Fn& lane) {
+  const Lanes lanes = make_lanes(batch, channels);
+  at::parallel_for(0, batch * lanes.per_row, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / lanes.per_row, c0 = (i % lanes.per_row) * lanes.slice;
+      lane(b * seqlen * channels + c0, b * channels + c0, std::min(lanes.slice, channels - c0));
+    }
+  });
+}
+
 template <typename T>
 void forward(const GatedScanParams& p) {
   using Acc = typename AccumulateType<T>::type;
-  const int64_t T_ = p.seqlen, C = p.channels;
-  const Lanes lanes = make_lanes(p.batch, C);
-  at::parallel_for(0, p.batch * lanes.per_row, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / lanes.per_row, c0 = (i % lanes.per_row) * lanes.slice;
-      const int64_t seq = b * T_ * C + c0, state = b * C + c0;
-      const Acc* h0 = static_cast<const Acc*>(p.h0);
-      run_lane(ForwardLane<T>{static_cast<const T*>(p.x) + seq, static_cast<const T*>(p.log_a) + seq,
-                              h0 ? h0 + state : nullptr, static_cast<T*>(p.h) + seq,
-                              static_cast<Acc*>(p.h_last) + state, T_, C, std::min(lanes.slice, C - c0)});
-    }
+  const Acc* h0 = static_cast<const Acc*>(p.h0);
+  for_each_lane(p.batch, p.seqlen, p.channels, [&](int64_t seq, int64_t state, int64_t n) {
+    run_lane(ForwardLane<T>{static_cast<const T*>(p.x) + seq, static_cast<const T*>(p.log_a) + seq,
+                            h0 ? h0 + state : nullptr, static_cast<T*>(p.h) + seq,
+                            static_cast<Acc*>(p.h_last) + state, p.seqlen, p.channels, n});
   });
 }
 
 template <typename T>
 void backward(const GatedScanBwdParams& p) {
   using Acc = typename AccumulateType<T>::type;
-  const int64_t T_ = p.seqlen, C = p.channels;
-  const Lanes lanes = make_lanes(p.batch, C);
-  at::parallel_for(0, p.batch * lanes.per_row, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / lanes.per_row, c0 = (i % lanes.per_row) * lanes.slice;
-      const int64_t seq = b * T_ * C + c0, state = b * C + c0;
-      const Acc* h0 = static_cast<const Acc*>(p.h0);
-      run_lane(BackwardLane<T>{static_cast<const T*>(p.grad_h) + seq,
-                               static_cast<const Acc*>(p.grad_h_last) + state,
-                               static_cast<const T*>(p.log_a) + seq, static_cast<const T*>(p.h) + seq,
-                               h0 ? h0 + state : nullptr, static_cast<T*>(p.grad_x) + seq,
-                               static_cast<T*>(p.grad_log_a) + seq, static_cast<Acc*>(p.grad_h0) + state, T_, C,
-                               std::min(lanes.slice, C - c0)});
-    }
+  const Acc* h0 = static_cast<const Acc*>(p.h0);
+  for_each_lane(p.batch, p.seqlen, p.channels, [&](int64_t seq, int64_t state, int64_t n) {
+    run_lane(BackwardLane<T>{static_cast<const T*>(p.grad_h) + seq, static_cast<const Acc*>(p.grad_h_last) + state,
+                             static_cast<const T*>(p.log_a) + seq, static_cast<const T*>(p.h) + seq,
+                             h0 ? h0 + state : nullptr, static_cast<T*>(p.grad_x) + seq,
+                             static_cast<T*>(p.grad_log_a) + seq, static_cast<Acc*>(p.grad_h0) + state, p.seqlen,
+                             p.channels, n});
   });
 }
 
