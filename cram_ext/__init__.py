@@ -6,7 +6,8 @@ import json
 
 import torch
 
-from . import nn, reference
+from . import models, nn, reference
+from .models import CRAMBlock, CRAMConfig, CRAMModel
 from .nn import RoutedAttention, WorkingMemory, aux_losses
 from .ops import check_route, gated_scan, route, routed_attention, set_debug
 from .route_types import Route
@@ -14,6 +15,9 @@ from .route_types import Route
 __version__ = "0.1.0"
 
 __all__ = [
+    "CRAMBlock",
+    "CRAMConfig",
+    "CRAMModel",
     "Route",
     "RoutedAttention",
     "WorkingMemory",
@@ -21,6 +25,7 @@ __all__ = [
     "build_info",
     "check_route",
     "gated_scan",
+    "models",
     "nn",
     "reference",
     "route",

@@ -1,0 +1,89 @@
+"""A small CRAM model: a stack of blocks, each working memory + routed attention + MLP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ..nn import RoutedAttention, WorkingMemory
+
+
+@dataclass
+class CRAMConfig:
+    """Shape and routing of a CRAMModel.
+
+    Token inputs when `vocab_size` is set (logits over it come out), continuous
+    inputs of `input_dim` channels otherwise (`output_dim` channels come out).
+    """
+
+    d_model: int = 64
+    n_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    vocab_size: int | None = None
+    input_dim: int | None = None
+    output_dim: int | None = None
+    state_dim: int | None = None
+    mlp_ratio: int = 4
+    threshold: float = 0.5
+    explore: float = 0.02
+    tol: float = 0.1
+    router_bias_init: float = 3.0
+
+    def __post_init__(self) -> None:
+        if (self.vocab_size is None) == (self.input_dim is None):
+            raise ValueError("CRAMConfig: set exactly one of vocab_size (tokens) and input_dim (continuous)")
+        if self.input_dim is not None and self.output_dim is None:
+            self.output_dim = self.input_dim
+
+
+class CRAMBlock(nn.Module):
+    """Pre-norm residual block: x + WorkingMemory, x + RoutedAttention, x + MLP."""
+
+    def __init__(self, cfg: CRAMConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.norm_memory, self.norm_attn, self.norm_mlp = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.memory = WorkingMemory(d, cfg.state_dim)
+        self.attn = RoutedAttention(
+            d, cfg.num_heads, cfg.num_kv_heads, threshold=cfg.threshold, explore=cfg.explore, tol=cfg.tol,
+            router_bias_init=cfg.router_bias_init,
+        )
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
+
+    def forward(self, x: Tensor, dt: Tensor | None = None) -> Tensor:
+        x = x + self.memory(self.norm_memory(x), dt)
+        x = x + self.attn(self.norm_attn(x))
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class CRAMModel(nn.Module):
+    """(B, T) tokens or (B, T, input_dim) values, optional time gaps dt (B, T) ->
+    (B, T, vocab_size) logits or (B, T, output_dim) predictions.
+
+    `routed_attention_layers()` lists the RoutedAttention modules, whose `last_stats`
+    give per-layer utilization; `cram_ext.aux_losses(model)` their training losses.
+    """
+
+    def __init__(self, cfg: CRAMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if cfg.vocab_size is not None:
+            self.embed: nn.Module = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            out_dim = cfg.vocab_size
+        else:
+            self.embed = nn.Linear(cfg.input_dim, cfg.d_model)
+            out_dim = cfg.output_dim
+        self.blocks = nn.ModuleList(CRAMBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, out_dim)
+
+    def forward(self, inputs: Tensor, dt: Tensor | None = None) -> Tensor:
+        x = self.embed(inputs)
+        for block in self.blocks:
+            x = block(x, dt)
+        return self.head(self.norm(x))
+
+    def routed_attention_layers(self) -> list[RoutedAttention]:
+        return [block.attn for block in self.blocks]
