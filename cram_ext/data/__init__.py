@@ -1,0 +1,5 @@
+"""Synthetic tasks, generated on the fly and seeded (definitions in docs/tasks.md)."""
+
+from .mqar import IGNORE, MQARBatch, mqar, recurring_table
+
+__all__ = ["IGNORE", "MQARBatch", "mqar", "recurring_table"]
