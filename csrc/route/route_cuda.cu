@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "common/block_scan.cuh"
 #include "common/cuda_check.h"
 #include "common/cuda_elements.cuh"
 #include "route/route.h"
@@ -58,25 +59,7 @@ int group_log2(int64_t channels, int vec) { return std::min(5, log2_ceil(std::ma
 template <typename V>
 __device__ V block_exclusive_sum(V v, V& total) {
   __shared__ V warp_sums[kWarps];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  V incl = v;
-#pragma unroll
-  for (int d = 1; d < 32; d *= 2) {
-    const V n = __shfl_up_sync(kFullMask, incl, d);
-    if (lane >= d) incl += n;
-  }
-  if (lane == 31) warp_sums[warp] = incl;
-  __syncthreads();
-  V before = 0;
-  total = 0;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    const V s = warp_sums[w];
-    if (w < warp) before += s;
-    total += s;
-  }
-  __syncthreads();  // warp_sums is reused by the next call
-  return before + incl - v;
+  return block_inclusive_sum<kThreads>(v, total, warp_sums) - v;
 }
 
 // ------------------------------------------------------------------ forward

@@ -13,6 +13,7 @@
 #include <cutlass/numeric_conversion.h>
 #include <cutlass/numeric_types.h>
 
+#include "common/block_scan.cuh"
 #include "common/cuda_check.h"
 #include "common/element_type.h"
 #include "routed_attention/routed_attention_params.h"
@@ -62,31 +63,6 @@ struct OpMax {
   __device__ __forceinline__ int operator()(int a, int b) const { return max(a, b); }
 };
 
-// Inclusive prefix sum over the block (thread order); `total` gets the block sum.
-// `scratch` holds kNThreads / 32 ints.
-template <int kNThreads>
-__device__ __forceinline__ int block_inclusive_scan(int v, int& total, int* scratch) {
-  constexpr int kWarps = kNThreads / 32;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int u = __shfl_up_sync(0xffffffffu, v, o);
-    if (lane >= o) v += u;
-  }
-  __syncthreads();
-  if (lane == 31) scratch[warp] = v;
-  __syncthreads();
-  int before = 0;
-  total = 0;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    const int s = scratch[w];
-    if (w < warp) before += s;
-    total += s;
-  }
-  return v + before;
-}
-
 // ------------------------------------------------------------------ tile scheduler
 //
 // A routed query tile is up to kBlockM consecutive slots of index[b, :counts[b]] for one
@@ -127,7 +103,7 @@ __device__ int locate_query_tile(const RoutedAttentionParams& p, int block_m, in
     const int b = b0 + threadIdx.x;
     const int n = b < p.batch ? ceil_div(clamped_count(p.counts, b, p.seqlen_q), block_m) * p.num_heads : 0;
     int total;
-    const int incl = block_inclusive_scan<kNThreads>(n, total, scratch);
+    const int incl = block_inclusive_sum<kNThreads>(n, total, scratch);
     const int excl = incl - n;
     if (n > 0 && tile_id >= base + excl && tile_id < base + incl) {
       found[0] = b;
