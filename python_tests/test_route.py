@@ -151,6 +151,26 @@ def test_weight_and_bias_dtypes(device, weight_dtype):
     check_against_reference(hidden, weight, bias, 0.5, None, TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("param_dtype", ["same", torch.float32, "other16"], ids=["w-same", "w-f32", "w-other16"])
+@pytest.mark.parametrize("device, dtype", device_dtype_params({"cpu": [torch.bfloat16], "cuda": [torch.bfloat16, torch.float16]}))
+def test_half_hidden_with_half_parameters(device, dtype, param_dtype):
+    """16-bit hidden with weight and bias in its own dtype (model.to(bfloat16)), in
+    float32, or in the other 16-bit type (read as is, or converted by the launcher)."""
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    w_dtype = {"same": dtype, "other16": other}.get(param_dtype, param_dtype)
+    hidden, weight, bias = make_inputs(3, 70, 48, dtype, device, weight_dtype=w_dtype, bias=0.1)
+    check_against_reference(hidden, weight, bias, 0.5, None, max(TOLERANCE[dtype], TOLERANCE[w_dtype]))
+
+
+@pytest.mark.parametrize("C", [4100, 8200], ids=["C4100-scalar", "C8200-vector"])
+@pytest.mark.parametrize("device, dtype", device_dtype_params(SCAN_DTYPES))
+def test_wide_rows(device, dtype, C):
+    """Rows wider than the CUDA kernel's staged weight chunk (4096 channels): the dot
+    product is summed over several chunks; C = 4100 is not a multiple of any vector width."""
+    hidden, weight, bias = make_inputs(2, 37, C, dtype, device)
+    check_against_reference(hidden, weight, bias, 0.5, None, TOLERANCE[dtype])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_noncontiguous_inputs(device):
     B, T, C = 3, 29, 12

@@ -30,6 +30,8 @@ class CRAMConfig:
     explore: float = 0.02
     tol: float = 0.1
     router_bias_init: float = 3.0
+    routing: str = "learned"
+    budget: float = 0.1
 
     def __post_init__(self) -> None:
         if (self.vocab_size is None) == (self.input_dim is None):
@@ -48,7 +50,7 @@ class CRAMBlock(nn.Module):
         self.memory = WorkingMemory(d, cfg.state_dim)
         self.attn = RoutedAttention(
             d, cfg.num_heads, cfg.num_kv_heads, threshold=cfg.threshold, explore=cfg.explore, tol=cfg.tol,
-            router_bias_init=cfg.router_bias_init,
+            router_bias_init=cfg.router_bias_init, routing=cfg.routing, budget=cfg.budget,
         )
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
 

@@ -13,6 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import route, routed_attention
+from ..route_types import Route
+
+ROUTING_MODES = ("learned", "dense", "none", "topk")
 
 
 class RoutedAttention(nn.Module):
@@ -30,6 +33,12 @@ class RoutedAttention(nn.Module):
             target says "still needs attention".
         router_bias_init: initial router bias; high, so everything starts routed and
             attention use has to fall as consolidation succeeds.
+        routing: "learned" (the CRAM router above); or a baseline: "dense" (every token
+            attends), "none" (no token attends: the semantic MLP everywhere), "topk" (each
+            row routes its round(budget * T) tokens of highest router score, a fixed
+            budget as in Mixture-of-Depths; the router still learns from the router loss,
+            and the choice looks at the whole row, so it is not causal).
+        budget: the fraction of tokens "topk" routes.
 
     After each forward, `last_stats` holds `utilization` (routed / all tokens) and
     `attn_flop_fraction` (sum of (t+1) over routed t / over all t) as detached 0-dim
@@ -47,8 +56,15 @@ class RoutedAttention(nn.Module):
         explore: float = 0.02,
         tol: float = 0.1,
         router_bias_init: float = 3.0,
+        routing: str = "learned",
+        budget: float = 0.1,
     ) -> None:
         super().__init__()
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+        if not 0.0 <= budget <= 1.0:
+            raise ValueError(f"budget must be in [0, 1], got {budget}")
+        self.routing, self.budget = routing, budget
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads}")
@@ -73,10 +89,7 @@ class RoutedAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
         z = self.norm(x)
-        force = None
-        if self.training and self.explore > 0:
-            force = torch.rand(B, T, device=x.device) < self.explore
-        r = route(z, self.router_weight, self.router_bias, self.threshold, force)
+        r = self._route(z)
 
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -90,6 +103,26 @@ class RoutedAttention(nn.Module):
         self.last_stats = self._stats(r.mask)
         self.aux_loss = self._consolidation_losses(semantic, attn, r.prob, r.mask) if self.training else None
         return y
+
+    def _route(self, z: Tensor) -> Route:
+        B, T, _ = z.shape
+        threshold, force = self.threshold, None
+        if self.routing == "learned":
+            if self.training and self.explore > 0:
+                force = torch.rand(B, T, device=z.device) < self.explore
+        elif self.routing == "dense":
+            threshold = -1.0  # prob > -1 always
+        elif self.routing == "none":
+            threshold = 2.0  # prob > 2 never
+        else:  # topk: the k best scores of each row, passed as forced tokens
+            threshold = 2.0
+            k = round(self.budget * T)
+            force = torch.zeros(B, T, dtype=torch.bool, device=z.device)
+            if k > 0:
+                with torch.no_grad():
+                    score = z.float() @ self.router_weight.float()
+                force.scatter_(1, score.topk(k, dim=1).indices, True)
+        return route(z, self.router_weight, self.router_bias, threshold, force)
 
     @staticmethod
     def _attention_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:

@@ -3,8 +3,11 @@
 // (T in the unused tail) with their number in counts. Interface between the launcher
 // (route_api.cpp) and the kernels; nothing here depends on torch.
 //
-// weight, bias, prob and the gradients of weight/bias have the accumulation type
-// (float32, or float64 for float64 hidden); the launcher converts weight and bias.
+// prob and the gradients of weight/bias have the accumulation type (float32, or
+// float64 for float64 hidden). The forward's weight and bias come in weight_dtype /
+// bias_dtype: the accumulation type for the CPU kernels; float32 or hidden's type for
+// the CUDA kernels, which convert while they read. The backward's weight has the
+// accumulation type (the launcher converts).
 #pragma once
 
 #include <cstddef>
@@ -17,6 +20,7 @@ namespace cram {
 struct RouteParams {
   int64_t batch, seqlen, channels;
   ElementType dtype;  // of hidden
+  ElementType weight_dtype, bias_dtype;
   double threshold;
   const void* hidden;   // (B, T, C)
   const void* weight;   // (C,)

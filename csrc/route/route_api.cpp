@@ -47,7 +47,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route(const at::Tenso
   c10::OptionalDeviceGuard guard(hidden_in.device());
   const at::ScalarType acc = accumulate_dtype(hidden_in.scalar_type());
   const at::Tensor hidden = hidden_in.contiguous();
-  const at::Tensor weight_acc = weight.to(acc).contiguous(), bias_acc = bias.to(acc);
+  // The CUDA kernel reads weight and bias in float32 or in hidden's type as they are:
+  // a conversion kernel would cost about as much as the router itself at small sizes.
+  const auto kernel_dtype = [&](const at::Tensor& t) {
+    const bool as_is = hidden.is_cuda() && (t.scalar_type() == at::kFloat || t.scalar_type() == hidden.scalar_type());
+    return as_is ? t.scalar_type() : acc;
+  };
+  const at::Tensor weight_k = weight.to(kernel_dtype(weight)).contiguous(), bias_k = bias.to(kernel_dtype(bias));
   const std::optional<at::Tensor> force_c = force.has_value() ? std::optional(force->contiguous()) : std::nullopt;
   at::Tensor prob = at::empty({B, T}, hidden.options().dtype(acc));
   at::Tensor mask = at::empty({B, T}, hidden.options().dtype(at::kBool));
@@ -59,10 +65,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route(const at::Tenso
   p.seqlen = T;
   p.channels = hidden.size(2);
   p.dtype = element_type_of(hidden);
+  p.weight_dtype = element_type_of(weight_k);
+  p.bias_dtype = element_type_of(bias_k);
   p.threshold = threshold;
   p.hidden = hidden.data_ptr();
-  p.weight = weight_acc.data_ptr();
-  p.bias = bias_acc.data_ptr();
+  p.weight = weight_k.data_ptr();
+  p.bias = bias_k.data_ptr();
   p.force = force_c.has_value() ? force_c->data_ptr<bool>() : nullptr;
   p.prob = prob.data_ptr();
   p.mask = mask.data_ptr<bool>();

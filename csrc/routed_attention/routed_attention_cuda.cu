@@ -37,7 +37,7 @@ size_t routed_attention_fwd_workspace_bytes(const RoutedAttentionParams& p) {
   dispatch(p, "routed_attention", [&](auto d, auto) {
     constexpr int D = decltype(d)::value;
     using Config = ra::FwdConfig<D>;
-    bytes = ra::FwdWorkspace::bytes(ra::fwd_split_capacity(p, Config::kBlockN), Config::kBlockM, D);
+    bytes = ra::FwdWorkspace::bytes(ra::fwd_plan_sizes(p, Config::kBlockM, Config::kBlockN), Config::kBlockM, D);
   });
   return bytes;
 }

@@ -1,6 +1,7 @@
 // Forward of routed attention, FlashAttention-2 style on SM80 MMA atoms (run on sm_90a):
-// one CTA per (tile of kBlockM routed queries, head, batch row) -- or per (tile, key split)
-// when the tiles are too few to fill the GPU -- with an online softmax over key tiles.
+// one CTA per work item of the plan (routed_attention_fwd_plan.cuh): a tile of kBlockM
+// routed queries of one head and batch row, and a range of its key tiles (all of them
+// unless the tile is split), with an online softmax over the key tiles.
 //
 // A query tile is gathered through index: row i holds position t_i = index[b, slot0 + i].
 // Keys run over tiles 0 .. (t_max + S - T) / kBlockN; the causal mask j <= t_i + (S - T)
@@ -9,7 +10,7 @@
 // launcher pre-fills out = 0 and lse = -inf).
 #pragma once
 
-#include "routed_attention/routed_attention_utils.cuh"
+#include "routed_attention/routed_attention_fwd_plan.cuh"
 
 namespace cram {
 namespace ra {
@@ -60,25 +61,10 @@ struct FwdConfig {
   static constexpr int kNWarps = 4;
 };
 
-// Workspace of the split-KV path: `capacity` work items of (kBlockM x D) fp32 partial
-// outputs followed by their (kBlockM) fp32 partial log-sum-exps.
-struct FwdWorkspace {
-  float* o;
-  float* lse;
-  __host__ __device__ FwdWorkspace(void* base, int capacity, int block_m, int head_dim)
-      : o(static_cast<float*>(base)),
-        lse(static_cast<float*>(base) + static_cast<int64_t>(capacity) * block_m * head_dim) {}
-  static size_t bytes(int capacity, int block_m, int head_dim) {
-    return static_cast<size_t>(capacity) * block_m * (head_dim + 1) * sizeof(float);
-  }
-};
-
-// split_capacity: work items the workspace holds (0: never split). In split mode CTA w
-// handles tile w % num_tiles and key split w / num_tiles and writes (O, lse) partials to
-// work item w; the combine kernel merges them.
+// One CTA per work item of the plan; CTAs past the plan's item count exit at once.
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
-    routed_attention_fwd_kernel(const __grid_constant__ RoutedAttentionParams p, const int split_capacity) {
+    routed_attention_fwd_kernel(const __grid_constant__ RoutedAttentionParams p, const FwdPlanSizes sizes) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -93,41 +79,27 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int tid = threadIdx.x;
   const int T = p.seqlen_q, S = p.seqlen_k, shift = S - T;
 
-  // ---- which tile (and which key split) this CTA computes, from counts on the device
-  int tile_id = blockIdx.x, split = 0, n_split = 1;
-  if (split_capacity > 0) {
-    const int n_tiles = count_query_tiles<kNThreads>(p, kBlockM, s_scratch);
-    n_split = fwd_num_splits(n_tiles, split_capacity, ceil_div(S, kBlockN));
-    if (n_split > 1) {
-      if (static_cast<int>(blockIdx.x) >= n_tiles * n_split) return;
-      tile_id = blockIdx.x % n_tiles;
-      split = blockIdx.x / n_tiles;
-    }
-  }
-  QueryTile tile;
-  const int n_tiles = locate_query_tile<kNThreads>(p, kBlockM, tile_id, tile, s_scratch);
-  if (tile_id >= n_tiles) return;
-  const int b = tile.b, h = tile.h;
+  const FwdWorkspace ws(p.workspace, sizes, kBlockM);
+  if (static_cast<int>(blockIdx.x) >= ws.header[0]) return;
+  const FwdWorkItem item = ws.items[blockIdx.x];
+  const int b = item.b, h = item.h;
+  const bool split = item.partial >= 0;
 
-  const int my_pos = tid < kBlockM ? routed_position(p, b, tile.slot0 + tid, tile.slot_end()) : -1;
+  const int my_pos = tid < kBlockM ? routed_position(p, b, item.slot0 + tid, item.slot0 + item.rows) : -1;
   if (tid < kBlockM) s_pos[tid] = my_pos;
   const int t_min = block_allreduce<kNThreads>(my_pos >= 0 ? my_pos : INT_MAX, s_scratch, OpMin{});
   const int t_max = block_allreduce<kNThreads>(my_pos, s_scratch, OpMax{});
   if (t_max < 0) return;  // no valid position in the tile (malformed index only)
 
-  // ---- key range
+  // ---- key range: the item's, within the tile's own. (The plan takes a tile's range
+  // from its last slot; with a malformed, non-ascending index the two can differ: the
+  // result is then wrong, but every access stays in bounds.)
   const int n_key_tiles = (t_max + shift) / kBlockN + 1;
-  int n_lo = 0, n_hi = n_key_tiles;
-  if (n_split > 1) {
-    const int chunk = ceil_div(n_key_tiles, n_split);
-    n_lo = split * chunk;
-    n_hi = min(n_key_tiles, n_lo + chunk);
-  }
+  const int n_lo = item.n_lo, n_hi = min(item.n_hi, n_key_tiles);
   // Tiles from here on hold keys past t_min + shift: some rows need the causal mask.
   const int n_first_masked = (t_min + shift + 1) / kBlockN;
-  const FwdWorkspace ws(p.workspace, split_capacity, kBlockM, kHeadDim);
-  if (n_lo >= n_hi) {  // an empty split (a short tile): contributes nothing to the merge
-    if (tid < kBlockM) ws.lse[static_cast<int64_t>(blockIdx.x) * kBlockM + tid] = -INFINITY;
+  if (n_lo >= n_hi) {  // an empty split: contributes nothing to the merge
+    if (split && tid < kBlockM) ws.lse[static_cast<int64_t>(item.partial) * kBlockM + tid] = -INFINITY;
     return;
   }
 
@@ -282,9 +254,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   }
   const bool quad_leader = (tid % 4) == 0;
 
-  if (n_split > 1) {
+  if (split) {
     // Partials in fp32, one row of kHeadDim per query row, for the combine kernel.
-    float* o_ws = ws.o + static_cast<int64_t>(blockIdx.x) * kBlockM * kHeadDim;
+    float* o_ws = ws.o + static_cast<int64_t>(item.partial) * kBlockM * kHeadDim;
     Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
     Tensor tOcO = thr_mma.partition_C(cO);
     static_assert(decltype(size(acc_o))::value % 2 == 0);
@@ -296,7 +268,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if (quad_leader) {
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
-        ws.lse[static_cast<int64_t>(blockIdx.x) * kBlockM + get<0>(tScS_rc(i, 0))] = row_lse[i];
+        ws.lse[static_cast<int64_t>(item.partial) * kBlockM + get<0>(tScS_rc(i, 0))] = row_lse[i];
       }
     }
     return;
@@ -325,36 +297,31 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   });
 }
 
-// Merges the split-KV partials of one tile per CTA: lse = log sum_s exp(lse_s),
+// Merges the partials of one split tile per CTA: lse = log sum_s exp(lse_s),
 // out = sum_s exp(lse_s - lse) O_s, scattered to the routed rows.
-template <int kHeadDim, int kBlockM, int kBlockN, class Element>
+template <int kHeadDim, int kBlockM, class Element>
 __global__ void __launch_bounds__(kBlockM)
-    routed_attention_fwd_combine_kernel(const __grid_constant__ RoutedAttentionParams p, const int split_capacity) {
+    routed_attention_fwd_combine_kernel(const __grid_constant__ RoutedAttentionParams p, const FwdPlanSizes sizes) {
   constexpr int kNThreads = kBlockM;
-  __shared__ int s_scratch[kNThreads / 32 + 2];
   __shared__ int s_pos[kBlockM];
   __shared__ float s_weight[kMaxSplits][kBlockM];
 
   const int tid = threadIdx.x;
   const int T = p.seqlen_q;
-  const int n_tiles = count_query_tiles<kNThreads>(p, kBlockM, s_scratch);
-  const int n_split = fwd_num_splits(n_tiles, split_capacity, ceil_div(p.seqlen_k, kBlockN));
-  if (n_split < 2) return;  // the forward wrote the output itself
-  const int tile_id = blockIdx.x;
-  if (tile_id >= n_tiles) return;
-  QueryTile tile;
-  locate_query_tile<kNThreads>(p, kBlockM, tile_id, tile, s_scratch);
-  const int b = tile.b, h = tile.h;
-  const FwdWorkspace ws(p.workspace, split_capacity, kBlockM, kHeadDim);
+  const FwdWorkspace ws(p.workspace, sizes, kBlockM);
+  if (static_cast<int>(blockIdx.x) >= ws.header[1]) return;
+  const FwdSplitTile tile = ws.split_tiles[blockIdx.x];
+  const int b = tile.b, h = tile.h, n_split = tile.n_split;
+  const int64_t first = tile.first_partial;
 
-  const int t = routed_position(p, b, tile.slot0 + tid, tile.slot_end());
+  const int t = routed_position(p, b, tile.slot0 + tid, tile.slot0 + tile.rows);
   s_pos[tid] = t;
   if (t >= 0) {
     float lse_s[kMaxSplits];
     float m = -INFINITY;
 #pragma unroll
     for (int s = 0; s < kMaxSplits; ++s) {
-      lse_s[s] = s < n_split ? ws.lse[(static_cast<int64_t>(s) * n_tiles + tile_id) * kBlockM + tid] : -INFINITY;
+      lse_s[s] = s < n_split ? ws.lse[(first + s) * kBlockM + tid] : -INFINITY;
       m = fmaxf(m, lse_s[s]);
     }
     float sum = 0.f;
@@ -379,8 +346,7 @@ __global__ void __launch_bounds__(kBlockM)
     for (int s = 0; s < n_split; ++s) {
       const float w = s_weight[s][r];
       if (w == 0.f) continue;  // empty split: its partial O was never written
-      const float4 o = *reinterpret_cast<const float4*>(
-          ws.o + ((static_cast<int64_t>(s) * n_tiles + tile_id) * kBlockM + r) * kHeadDim + d);
+      const float4 o = *reinterpret_cast<const float4*>(ws.o + ((first + s) * kBlockM + r) * kHeadDim + d);
       acc.x += w * o.x;
       acc.y += w * o.y;
       acc.z += w * o.z;

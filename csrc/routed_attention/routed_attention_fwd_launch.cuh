@@ -14,30 +14,21 @@ template <int kHeadDim, class Element>
 void run_routed_attention_fwd(const RoutedAttentionParams& p, cudaStream_t stream) {
   using Config = FwdConfig<kHeadDim>;
   using Traits = FwdTraits<kHeadDim, Config::kBlockM, Config::kBlockN, Config::kNWarps, Element>;
-  const int capacity = fwd_split_capacity(p, Traits::kBlockN);
-  const int64_t max_tiles =
-      static_cast<int64_t>(p.batch) * p.num_heads * ceil_div(p.seqlen_q, Traits::kBlockM);
-  const int64_t grid = max_tiles > capacity ? max_tiles : capacity;
-  if (max_tiles == 0) return;
-  if (grid > INT_MAX) throw std::runtime_error("routed_attention: too many query tiles for one launch");
+  const FwdPlanSizes sizes = fwd_plan_sizes(p, Traits::kBlockM, Traits::kBlockN);
+  if (sizes.max_items == 0) return;
+  if (sizes.max_items > INT_MAX) throw std::runtime_error("routed_attention: too many query tiles for one launch");
 
+  routed_attention_fwd_plan_kernel<Traits::kBlockM, Traits::kBlockN><<<1, kPlanThreads, 0, stream>>>(p, sizes);
+  CRAM_CUDA_CHECK(cudaGetLastError());
   auto kernel = routed_attention_fwd_kernel<Traits>;
   set_max_dynamic_smem(kernel, Traits::kSmemBytes);
-  kernel<<<static_cast<unsigned>(grid), Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, capacity);
+  kernel<<<static_cast<unsigned>(sizes.max_items), Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, sizes);
   CRAM_CUDA_CHECK(cudaGetLastError());
-  if (capacity > 0) {
-    // In split mode there are at most capacity / 2 tiles (at least two splits each).
-    const int combine_grid = capacity / 2 > 0 ? capacity / 2 : 1;
-    routed_attention_fwd_combine_kernel<kHeadDim, Traits::kBlockM, Traits::kBlockN, Element>
-        <<<combine_grid, Traits::kBlockM, 0, stream>>>(p, capacity);
+  if (sizes.max_split_tiles > 0) {
+    routed_attention_fwd_combine_kernel<kHeadDim, Traits::kBlockM, Element>
+        <<<sizes.max_split_tiles, Traits::kBlockM, 0, stream>>>(p, sizes);
     CRAM_CUDA_CHECK(cudaGetLastError());
   }
-}
-
-template <int kHeadDim>
-size_t routed_attention_fwd_workspace_bytes_for(const RoutedAttentionParams& p) {
-  using Config = FwdConfig<kHeadDim>;
-  return FwdWorkspace::bytes(fwd_split_capacity(p, Config::kBlockN), Config::kBlockM, kHeadDim);
 }
 
 }  // namespace ra

@@ -61,7 +61,7 @@ struct RoutedAttentionParams {
   // aligned; its content on entry does not matter.
   void* workspace = nullptr;
 
-  int num_sms = 132;  // multiprocessors of the device (sizes the split-KV workspace)
+  int num_sms = 132;  // multiprocessors of the device (sizes the forward's work plan)
 };
 
 #ifdef CRAM_WITH_CUDA

@@ -65,6 +65,9 @@ struct OpMax {
 
 // ------------------------------------------------------------------ tile scheduler
 //
+// (Used by the backward's dQ kernel, one CTA per tile. The forward runs the items of a
+// plan instead, tiles cut into key splits: routed_attention_fwd_plan.cuh.)
+//
 // A routed query tile is up to kBlockM consecutive slots of index[b, :counts[b]] for one
 // head. Tiles are aligned to the end of the row (the last tile ends at counts[b]) so that
 // the one partial tile holds the earliest positions, the ones that see the fewest keys.
@@ -80,16 +83,6 @@ struct QueryTile {
   int rows = 0;   // slots in the tile, <= kBlockM: slots slot0 .. slot0 + rows - 1
   __device__ int slot_end() const { return slot0 + rows; }
 };
-
-// Number of tiles over all (b, h). Synchronises.
-template <int kNThreads>
-__device__ int count_query_tiles(const RoutedAttentionParams& p, int block_m, int* scratch) {
-  int n = 0;
-  for (int b = threadIdx.x; b < p.batch; b += kNThreads) {
-    n += ceil_div(clamped_count(p.counts, b, p.seqlen_q), block_m);
-  }
-  return block_allreduce<kNThreads>(n, scratch, OpSum{}) * p.num_heads;
-}
 
 // Finds tile `tile_id`; returns the number of tiles (tile is valid iff tile_id < result).
 // Synchronises. `scratch` holds kNThreads / 32 + 2 ints.
@@ -133,30 +126,6 @@ __device__ __forceinline__ int routed_position(const RoutedAttentionParams& p, i
   if (slot < 0 || slot >= end) return -1;
   const int t = p.index[static_cast<int64_t>(b) * p.seqlen_q + slot];
   return (t >= 0 && t < p.seqlen_q) ? t : -1;
-}
-
-// ------------------------------------------------------------------ split-KV plan
-//
-// The forward splits the key range of each tile across CTAs only when the routed tiles
-// are too few to fill the GPU. The number of splits is decided on the device from the
-// number of tiles; the host only sizes the workspace for `capacity` (tile, split) work
-// items, a function of the shapes and the SM count.
-
-constexpr int kMaxSplits = 16;
-constexpr int kMinKeyTilesPerSplit = 4;
-
-__host__ __device__ inline int fwd_split_capacity(const RoutedAttentionParams& p, int block_n) {
-  const int max_key_tiles = ceil_div(p.seqlen_k, block_n);
-  if (max_key_tiles < 2 * kMinKeyTilesPerSplit) return 0;  // keys too short to be worth splitting
-  return 2 * p.num_sms;
-}
-
-__host__ __device__ inline int fwd_num_splits(int num_tiles, int capacity, int max_key_tiles) {
-  if (capacity <= 0 || num_tiles <= 0) return 1;
-  int n = capacity / num_tiles;
-  n = min(n, kMaxSplits);
-  n = min(n, max_key_tiles / kMinKeyTilesPerSplit);
-  return n >= 2 ? n : 1;
 }
 
 // ------------------------------------------------------------------ cp.async

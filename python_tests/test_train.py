@@ -1,0 +1,88 @@
+"""python -m cram_ext.train: a short CPU run learns and routes less, resume is exact, the
+routing baselines route as they say, and the analysis recovers a known power law."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from cram_ext import analysis, train
+
+TINY = ["--device", "cpu", "--no-progress", "--d-model", "32", "--heads", "2", "--seq-len", "48",
+        "--num-stores", "4", "--num-queries", "2", "--num-keys", "24", "--num-recurring-pairs", "6",
+        "--batch-size", "16", "--eval-examples", "64", "--log-every", "5"]
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_smoke_loss_falls_and_routing_drops(tmp_path):
+    """Training smoke test: the loss falls and utilization ends below its start, and every
+    output file the entry point promises is there."""
+    args = train.build_parser().parse_args(
+        TINY + ["--steps", "150", "--eval-every", "50", "--router-warmup", "20", "--out", str(tmp_path)])
+    summary = train.run(args)
+    records = read(tmp_path / "metrics.jsonl")
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, "the loss did not fall"
+    assert summary["utilization_end"] < summary["utilization_start"], "utilization did not drop"
+    for r in records:
+        assert {"step", "loss", "utilization", "attn_flop_fraction"} <= r.keys() or "retrieval_acc" in r
+    assert any("retrieval_acc" in r for r in records)
+    for key in ("utilization_start", "utilization_end", "reduction", "retrieval_acc", "retrieval_acc_novel",
+                "retrieval_acc_recurring", "gamma", "transition_step", "wall_s", "transfer"):
+        assert key in summary
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 150
+    assert (tmp_path / "utilization.png").stat().st_size > 0
+    assert (tmp_path / "checkpoint.pt").exists()
+
+
+def test_resume_is_exact(tmp_path):
+    """20 steps, stop, resume to 40: the same weights and the same logged losses as 40 steps
+    in one go."""
+    common = TINY + ["--eval-every", "20", "--ckpt-every", "20", "--no-transfer", "--router-warmup", "5"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train.run(train.build_parser().parse_args(common + ["--steps", "40", "--out", str(whole)]))
+    train.run(train.build_parser().parse_args(common + ["--steps", "20", "--out", str(split)]))
+    train.run(train.build_parser().parse_args(common + ["--steps", "40", "--out", str(split), "--resume"]))
+    a = torch.load(whole / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(split / "checkpoint.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]  # noqa: E731
+    assert strip(read(whole / "metrics.jsonl")) == strip(read(split / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("routing, expected", [("dense", 1.0), ("none", 0.0), ("static", 0.25)])
+def test_routing_baselines(tmp_path, routing, expected):
+    args = train.build_parser().parse_args(
+        TINY + ["--steps", "3", "--eval-every", "3", "--no-transfer", "--routing", routing, "--budget", "0.25",
+                "--out", str(tmp_path)])
+    summary = train.run(args)
+    assert summary["utilization_end"] == pytest.approx(expected, abs=1e-6)
+    assert all(r["utilization"] == pytest.approx(expected, abs=1e-6) for r in read(tmp_path / "metrics.jsonl")
+               if "utilization" in r)
+
+
+def test_mqar_task_runs(tmp_path):
+    args = train.build_parser().parse_args(
+        ["--task", "mqar", "--device", "cpu", "--no-progress", "--steps", "4", "--eval-every", "2", "--seq-len", "64",
+         "--num-kv-pairs", "4", "--vocab-size", "128", "--d-model", "32", "--heads", "2", "--batch-size", "8",
+         "--eval-examples", "16", "--out", str(tmp_path)])
+    summary = train.run(args)
+    assert 0.0 <= summary["retrieval_acc"] <= 1.0 and summary["transfer"]["retrieval_acc"] >= 0.0
+
+
+def test_power_law_analysis():
+    steps = [0, 100, 200, 400, 800, 1600, 3200]
+    util = [1.0] + [3.0 * s**-0.43 for s in steps[1:]]
+    t = analysis.transition_step(steps, util)
+    assert t == next(s for s, u in zip(steps, util) if u <= math.sqrt(util[0] * util[-1]))
+    gamma, a = analysis.power_law_fit(steps, util, t)
+    assert gamma == pytest.approx(0.43, rel=1e-9) and a == pytest.approx(3.0, rel=1e-9)
+    assert analysis.transition_step(steps, [0.5] * len(steps)) is None
