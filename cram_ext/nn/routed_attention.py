@@ -94,8 +94,7 @@ class RoutedAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        attn, _ = routed_attention(*self._attention_dtype(q, k, v), r.index, r.counts)
-        attn = attn.flatten(2).to(q.dtype)
+        attn = self._attend(q, k, v, r)
         semantic = self.semantic(z)
         routed = r.mask.unsqueeze(-1)
         y = self.out_proj(torch.where(routed, attn, semantic.to(attn.dtype)))
@@ -124,13 +123,21 @@ class RoutedAttention(nn.Module):
                 force.scatter_(1, score.topk(k, dim=1).indices, True)
         return route(z, self.router_weight, self.router_bias, threshold, force)
 
-    @staticmethod
-    def _attention_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
-        """The CUDA kernels take float16/bfloat16: a float32 layer on CUDA attends in
-        bfloat16 (as flash-attention users do) and gets float32 back."""
-        if tensors[0].is_cuda and tensors[0].dtype == torch.float32:
-            return tuple(t.to(torch.bfloat16) for t in tensors)
-        return tensors
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, r: Route) -> Tensor:
+        """routed_attention on (q, k, v), (B, T, H*D) back in q's dtype. The CUDA kernels
+        take float16/bfloat16 and head dims 64 and 128: on CUDA a float32 layer attends in
+        bfloat16 (as flash-attention users do), and a smaller head dim is zero-padded to
+        the next supported one (zeros add nothing to q.k or to the output; the softmax
+        scale stays D ** -0.5)."""
+        D, out_dtype = q.shape[-1], q.dtype
+        if q.is_cuda:
+            if q.dtype == torch.float32:
+                q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+            padded = 64 if D <= 64 else 128
+            if D != padded and D < 128:
+                q, k, v = (torch.nn.functional.pad(t, (0, padded - D)) for t in (q, k, v))
+        attn, _ = routed_attention(q, k, v, r.index, r.counts, D**-0.5)
+        return attn[..., :D].flatten(2).to(out_dtype)
 
     def _consolidation_losses(self, semantic: Tensor, attn: Tensor, prob: Tensor, mask: Tensor) -> Tensor:
         """L_cons + L_route on the routed tokens, the only ones where attention is known."""
