@@ -136,7 +136,7 @@ def evaluate(model: CRAMModel, task, batch: dict[str, Tensor], device: torch.dev
     was_training = model.training
     model.eval()
     n = batch["inputs"].shape[0]
-    correct, is_query, util, flops, sq, cnt = [], [], [], [], 0.0, 0.0
+    correct, is_query, util, flops, sq, cnt = [], [], [], [], [], []
     for i in range(0, n, chunk):
         part = {k: v[i : i + chunk] for k, v in batch.items()}
         with autocast(device):
@@ -150,8 +150,8 @@ def evaluate(model: CRAMModel, task, batch: dict[str, Tensor], device: torch.dev
         flops.append(torch.stack(f) * w)
         if pred is not None:
             m = part["target_mask"].unsqueeze(-1).float()
-            sq += float(((pred - part["targets"]).pow(2) * m).sum())
-            cnt += float(m.sum()) * pred.shape[-1]
+            sq.append(((pred - part["targets"]).pow(2) * m).sum())
+            cnt.append(m.sum() * pred.shape[-1])
     model.train(was_training)
     correct, recurring = torch.cat(correct).float(), torch.cat(is_query)
     per_layer = torch.stack(util).sum(0)
@@ -164,7 +164,7 @@ def evaluate(model: CRAMModel, task, batch: dict[str, Tensor], device: torch.dev
         "eval_attn_flop_fraction": float(torch.stack(flops).sum(0).mean()),
     }
     if cnt:
-        out["eval_mse"] = sq / cnt
+        out["eval_mse"] = float(torch.stack(sq).sum() / torch.stack(cnt).sum())
     return out
 
 

@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   constexpr int kNThreads = Traits::kNThreads;
 
   extern __shared__ __align__(128) char smem[];
-  __shared__ int s_scratch[kNThreads / 32 + 2];
+  __shared__ int s_scratch[kNThreads / 32];
   __shared__ int s_pos[kBlockM];
   __shared__ int s_limit[kBlockM];
 

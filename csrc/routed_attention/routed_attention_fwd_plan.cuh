@@ -158,8 +158,11 @@ __global__ void __launch_bounds__(kPlanThreads)
   int split_len = INT_MAX;  // no splits
   if (sizes.capacity > 0) {
     split_len = split_len_for(2);
-    if (partials_for(split_len) > sizes.capacity) split_len = split_len_for(1);
-    if (partials_for(split_len) > sizes.capacity) split_len = INT_MAX;  // a guard, never taken
+    if (partials_for(split_len) > sizes.capacity) {
+      split_len = split_len_for(1);
+      // Never taken (see above); guards the workspace bounds should that reasoning break.
+      if (partials_for(split_len) > sizes.capacity) split_len = INT_MAX;
+    }
   }
 
   // Bucket items by their length (key tiles of a split), longest first.
