@@ -3,9 +3,9 @@
 // backward of prob with respect to hidden, weight and bias.
 //
 // Forward, two kernels and no host sync:
-//   route_logits: one pass over hidden (the only large read: 16-byte loads, a group
-//     of up to 32 threads per row, float32 dot product), writing prob and mask and,
-//     per tile of kTileRows positions of a row, the number of routed positions;
+//   route_logits: one pass over hidden (the only large read: 16-byte streaming loads,
+//     a group of up to 32 threads per row, float32 dot product), writing prob and mask
+//     and, per tile of kTileRows positions of a row, the number of routed positions;
 //   route_compact: blocks of kSpan positions of a row, many per row, so one long row
 //     is still compacted by many SMs. A block learns how many positions before it
 //     are routed by summing the tile counts (no look-back, no ordering between
@@ -39,8 +39,9 @@ constexpr int kTileRows = 64;                 // positions per routed count
 constexpr int kItems = 8;                     // positions per thread in route_compact
 constexpr int kSpan = kThreads * kItems;      // positions per route_compact block
 static_assert(kSpan % kTileRows == 0, "a span is a whole number of tiles");
-constexpr int kLogitLoads = 4;                // loads of a row in flight per thread in route_logits
-constexpr int kRowsPerGroup = kTileRows / (kThreads / 32);  // groups are at most a warp wide
+constexpr int kLogitLoads = 8;                // loads of a row in flight per thread in route_logits
+constexpr int kLogitBlocksPerSm = 4;          // route_logits occupancy (<= 64 registers a thread)
+static_assert(kTileRows % 32 == 0 && kTileRows <= kThreads, "a tile's positions are finished by whole warps");
 constexpr int kWeightChunk = 4096;            // weight channels staged in shared memory at a time
 constexpr int kBwdUnroll = 4;                 // rows in flight per thread in route_bwd
 constexpr int kReduceChannels = 32;           // channels per route_reduce block
@@ -76,85 +77,100 @@ __device__ __forceinline__ float load_as_float(const void* p, int64_t i, Element
   }
 }
 
-// Block = (row b, tile of kTileRows positions); groups of 2^log2_group threads per
-// position, group g taking rows g, g + groups, ... (at most kRowsPerGroup of them).
-// The weight is staged in shared memory as float32, kWeightChunk channels at a time:
-// read from L1 next to the streamed hidden rows it was evicted and re-read from L2,
-// which cost about 8% of the bandwidth (measured on an H100).
-// tile_counts[b * tiles_per_row + tile] = routed positions of the tile.
+// Persistent blocks, kLogitBlocksPerSm per SM: block i takes tiles i, i + gridDim.x, ...
+// of kTileRows positions of a row (tile_id = b * tiles_per_row + tile). Within a tile,
+// groups of 2^log2_group threads take one position at a time, group g positions
+// g, g + groups, ...; a thread keeps kLogitLoads 16-byte loads of its row in flight.
+// The weight is staged in shared memory as float32, kWeightChunk channels at a time
+// (once per block when C fits in one chunk): read from L1 next to the streamed hidden
+// rows it was evicted and re-read from L2, which cost about 8% of the bandwidth
+// (measured on an H100). Logits are summed per chunk into shared memory, so a thread
+// holds one accumulator whatever C is, and its registers go to loads in flight.
+// tile_counts[tile_id] = routed positions of the tile.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) route_logits_kernel(const RouteParams p, int log2_group,
-                                                               int64_t tiles_per_row, int* tile_counts) {
+__global__ void __launch_bounds__(kThreads, kLogitBlocksPerSm)
+    route_logits_kernel(const RouteParams p, int log2_group, int64_t tiles_per_row, int* tile_counts) {
   __shared__ __align__(16) float weight_chunk[kWeightChunk];
-  __shared__ int routed_in_tile;
-  const int64_t T_ = p.seqlen, C = p.channels;
-  const int64_t b = blockIdx.x / tiles_per_row, tile = blockIdx.x % tiles_per_row;
+  __shared__ float tile_logits[kTileRows];
+  __shared__ int routed_in_warp[kTileRows / 32];
+  const int64_t T_ = p.seqlen, C = p.channels, num_tiles = p.batch * tiles_per_row;
   const int group_size = 1 << log2_group, groups = kThreads >> log2_group;
   const int g = threadIdx.x >> log2_group, gl = threadIdx.x & (group_size - 1);
   const T* hidden = static_cast<const T*>(p.hidden);
   const int64_t stride = static_cast<int64_t>(group_size) * VEC;
-
-  float acc[kRowsPerGroup];
-#pragma unroll
-  for (int j = 0; j < kRowsPerGroup; ++j) acc[j] = 0.0f;
-  for (int64_t c_base = 0; c_base < C; c_base += kWeightChunk) {
-    const int chunk = static_cast<int>(std::min<int64_t>(kWeightChunk, C - c_base));
-    __syncthreads();  // every thread is done with the previous chunk
-    for (int i = threadIdx.x; i < chunk; i += kThreads) {
-      weight_chunk[i] = load_as_float(p.weight, c_base + i, p.weight_dtype);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < kRowsPerGroup; ++j) {
-      const int64_t t = tile * kTileRows + j * groups + g;
-      if (j * groups + g >= kTileRows || t >= T_) continue;
-      const T* row = hidden + (b * T_ + t) * C + c_base;
-      for (int c0 = gl * VEC; c0 < chunk; c0 += kLogitLoads * stride) {
-        // kLogitLoads loads of the row in flight at once.
-        Packed<T, VEC> h[kLogitLoads];
-#pragma unroll
-        for (int u = 0; u < kLogitLoads; ++u) {
-          const int c = c0 + u * stride;
-          h[u] = c < chunk ? load_packed<T, VEC>(row + c) : zero_packed<T, VEC>();
-        }
-#pragma unroll
-        for (int u = 0; u < kLogitLoads; ++u) {
-          const int c = c0 + u * stride;
-          if (c < chunk) {
-            float w[VEC];
-            load_floats<VEC>(weight_chunk + c, w);
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) acc[j] += element(h[u], v) * w[v];
-          }
-        }
-      }
-    }
-  }
-
-  if (threadIdx.x == 0) routed_in_tile = 0;
-  __syncthreads();
+  const bool one_chunk = C <= kWeightChunk;
   const float bias = load_as_float(p.bias, 0, p.bias_dtype);
   const float threshold = static_cast<float>(p.threshold);
   const unsigned char* force = reinterpret_cast<const unsigned char*>(p.force);  // any nonzero byte is true
-  int routed = 0;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // route_compact may be placed now; it waits for this grid to finish (launch_compact).
+  cudaTriggerProgrammaticLaunchCompletion();
+#endif
+  for (int64_t tile_id = blockIdx.x; tile_id < num_tiles; tile_id += gridDim.x) {
+    const int64_t b = tile_id / tiles_per_row, t0 = (tile_id % tiles_per_row) * kTileRows;
+    for (int64_t c_base = 0; c_base < C; c_base += kWeightChunk) {
+      const int chunk = static_cast<int>(C - c_base < kWeightChunk ? C - c_base : kWeightChunk);
+      if (!one_chunk || tile_id == blockIdx.x) {
+        __syncthreads();  // every thread is done with the previous chunk
+        for (int i = threadIdx.x; i < chunk; i += kThreads) {
+          weight_chunk[i] = load_as_float(p.weight, c_base + i, p.weight_dtype);
+        }
+        __syncthreads();
+      }
+      // groups divides kTileRows, so a warp's groups leave this loop together and
+      // every lane of a group takes part in its shuffles.
+      for (int i = g; i < kTileRows; i += groups) {
+        const int64_t t = t0 + i;
+        float acc = 0.0f;
+        if (t < T_) {
+          const T* row = hidden + (b * T_ + t) * C + c_base;
+          for (int c0 = gl * VEC; c0 < chunk; c0 += kLogitLoads * stride) {
+            Packed<T, VEC> h[kLogitLoads];
 #pragma unroll
-  for (int j = 0; j < kRowsPerGroup; ++j) {
-    // Every lane shuffles for every j, so that the group shuffles see all lanes.
-    float dot = acc[j];
-    for (int o = group_size / 2; o > 0; o /= 2) dot += __shfl_xor_sync(kFullMask, dot, o);
-    const int64_t t = tile * kTileRows + j * groups + g;
-    if (gl == 0 && j * groups + g < kTileRows && t < T_) {
-      const int64_t r = b * T_ + t;
-      const float prob = 1.0f / (1.0f + __expf(-(dot + bias)));
-      const bool m = prob > threshold || (force != nullptr && force[r] != 0);
-      static_cast<float*>(p.prob)[r] = prob;
-      p.mask[r] = m;
-      routed += m;
+            for (int u = 0; u < kLogitLoads; ++u) {
+              const int c = c0 + u * stride;
+              h[u] = c < chunk ? load_packed_streaming<T, VEC>(row + c) : zero_packed<T, VEC>();
+            }
+#pragma unroll
+            for (int u = 0; u < kLogitLoads; ++u) {
+              const int c = c0 + u * stride;
+              if (c < chunk) {
+                float w[VEC];
+                load_floats<VEC>(weight_chunk + c, w);
+#pragma unroll
+                for (int v = 0; v < VEC; ++v) acc += element(h[u], v) * w[v];
+              }
+            }
+          }
+        }
+        for (int o = group_size / 2; o > 0; o /= 2) acc += __shfl_xor_sync(kFullMask, acc, o);
+        if (gl == 0) tile_logits[i] = c_base == 0 ? acc : tile_logits[i] + acc;
+      }
+    }
+    __syncthreads();
+
+    if (threadIdx.x < kTileRows) {  // whole warps
+      const int64_t t = t0 + threadIdx.x;
+      bool m = false;
+      if (t < T_) {
+        const int64_t r = b * T_ + t;
+        const float prob = 1.0f / (1.0f + __expf(-(tile_logits[threadIdx.x] + bias)));
+        m = prob > threshold || (force != nullptr && force[r] != 0);
+        static_cast<float*>(p.prob)[r] = prob;
+        p.mask[r] = m;
+      }
+      const unsigned routed = __ballot_sync(kFullMask, m);
+      if ((threadIdx.x & 31) == 0) routed_in_warp[threadIdx.x / 32] = __popc(routed);
+    }
+    // Also orders this tile's reads of tile_logits before the next tile's writes.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int routed = 0;
+      for (int w = 0; w < kTileRows / 32; ++w) routed += routed_in_warp[w];
+      tile_counts[tile_id] = routed;
     }
   }
-  if (routed != 0) atomicAdd(&routed_in_tile, routed);
-  __syncthreads();
-  if (threadIdx.x == 0) tile_counts[blockIdx.x] = routed_in_tile;
 }
 
 // Block = (row b, span of kSpan positions); thread i holds positions
@@ -163,6 +179,9 @@ __global__ void __launch_bounds__(kThreads) route_compact_kernel(const RoutePara
                                                                 int64_t spans_per_row, const int* tile_counts) {
   const int64_t T_ = p.seqlen;
   const int64_t b = blockIdx.x / spans_per_row, span = blockIdx.x % spans_per_row;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaGridDependencySynchronize();  // route_logits' mask and tile counts are written and visible
+#endif
 
   // Routed positions before the span: the tile counts of the row up to it.
   const int* row_counts = tile_counts + b * tiles_per_row;
@@ -336,11 +355,45 @@ FwdPlan fwd_plan(const RouteParams& p) {
   return plan;
 }
 
+int multiprocessor_count() {
+  int device = 0, sms = 0;
+  CRAM_CUDA_CHECK(cudaGetDevice(&device));
+  CRAM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+int compute_capability_major() {
+  int device = 0, major = 0;
+  CRAM_CUDA_CHECK(cudaGetDevice(&device));
+  CRAM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major;
+}
+
 template <typename T, int VEC>
 void launch_logits(const RouteParams& p, const FwdPlan& plan, cudaStream_t stream) {
-  route_logits_kernel<T, VEC><<<static_cast<unsigned>(p.batch * plan.tiles_per_row), kThreads, 0, stream>>>(
+  const int64_t blocks = std::min<int64_t>(p.batch * plan.tiles_per_row, int64_t{kLogitBlocksPerSm} * multiprocessor_count());
+  route_logits_kernel<T, VEC><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       p, group_log2(p.channels, VEC), plan.tiles_per_row, static_cast<int*>(p.workspace));
   CRAM_CUDA_CHECK(cudaGetLastError());
+}
+
+// route_compact as a programmatic dependent launch where the GPU has them (sm_90+): its
+// blocks are placed while route_logits finishes and wait in the kernel for its results,
+// instead of the stream's launch gap between the two.
+void launch_compact(const RouteParams& p, const FwdPlan& plan, cudaStream_t stream) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(p.batch * plan.spans_per_row));
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute dependent{};
+  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent.val.programmaticStreamSerializationAllowed = 1;
+  if (compute_capability_major() >= 9) {
+    config.attrs = &dependent;
+    config.numAttrs = 1;
+  }
+  CRAM_CUDA_CHECK(cudaLaunchKernelEx(&config, route_compact_kernel, p, plan.tiles_per_row, plan.spans_per_row,
+                                     static_cast<const int*>(p.workspace)));
 }
 
 struct BwdPlan {
@@ -348,13 +401,6 @@ struct BwdPlan {
   int64_t slices, rows_per_tile, row_tiles;
   size_t workspace_bytes;
 };
-
-int multiprocessor_count() {
-  int device = 0, sms = 0;
-  CRAM_CUDA_CHECK(cudaGetDevice(&device));
-  CRAM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
 
 // About 4 blocks per SM in all: one wave that streams hidden, with few enough row
 // tiles that the partial sums stay small (row_tiles x C floats).
@@ -411,9 +457,7 @@ void route_fwd_cuda(const RouteParams& p, void* stream_ptr) {
       launch_logits<T, 1>(p, plan, stream);
     }
   });
-  route_compact_kernel<<<static_cast<unsigned>(p.batch * plan.spans_per_row), kThreads, 0, stream>>>(
-      p, plan.tiles_per_row, plan.spans_per_row, static_cast<const int*>(p.workspace));
-  CRAM_CUDA_CHECK(cudaGetLastError());
+  launch_compact(p, plan, stream);
 }
 
 void route_bwd_cuda(const RouteBwdParams& p, void* stream_ptr) {
