@@ -176,7 +176,13 @@ def check_route(index: Tensor, counts: Tensor, T: int) -> None:
 
 
 def routed_attention(
-    q: Tensor, k: Tensor, v: Tensor, index: Tensor, counts: Tensor, softmax_scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    index: Tensor,
+    counts: Tensor,
+    softmax_scale: float | None = None,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Causal softmax attention computed only for routed queries, at their original positions.
 
@@ -189,6 +195,13 @@ def routed_attention(
         k, v: (B, S, Hk, D), same dtype, H % Hk == 0, S >= T.
         index, counts: the routing, as `route` returns it ((B, T) and (B,) int32).
         softmax_scale: defaults to D ** -0.5.
+        deterministic: ask for outputs and gradients that are bitwise identical run to
+            run (same device, same inputs). Every backend already is, at no cost: the
+            CUDA forward merges its key splits in a fixed order, and the backward writes
+            each dQ row and each dK/dV row from one CTA, with no atomics (the CPU
+            backward splits its work by key/value head). The flag is accepted so that
+            code written for flash-attn's `deterministic=True` runs unchanged; a faster
+            non-deterministic path, if one is added, will only be taken when it is False.
 
     Returns:
         out: (B, T, H, D) in q.dtype, exactly 0 at rows that were not routed.
@@ -198,6 +211,8 @@ def routed_attention(
     Differentiable in q, k and v. A malformed routing can give a wrong result but never
     an out-of-bounds access; `set_debug(True)` validates it first.
     """
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"routed_attention: deterministic must be a bool, got {type(deterministic).__name__}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if _debug:
         check_route(index, counts, q.shape[1])

@@ -230,8 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threshold", type=float, default=0.5)
     m.add_argument("--explore", type=float, default=0.02)
     m.add_argument("--tol", type=float, default=0.3)
-    m.add_argument("--balance-router-loss", action=argparse.BooleanOptionalAction, default=False,
-                   help="weigh the router loss's two classes equally (RoutedAttention)")
     m.add_argument("--router-bias-init", type=float, default=3.0)
     m.add_argument("--router-warmup", type=int, default=1000,
                    help="steps with the router frozen (everything routed) while attention learns to retrieve")
@@ -270,7 +268,7 @@ def run(args: argparse.Namespace) -> dict:
         d_model=args.d_model, n_layers=args.layers, num_heads=args.heads, threshold=args.threshold,
         explore=args.explore if args.routing == "learned" else 0.0, tol=args.tol,
         router_bias_init=args.router_bias_init, routing=ROUTING[args.routing], budget=args.budget,
-        balance_router_loss=args.balance_router_loss, **task.model_config(),
+        **task.model_config(),
     )
     model = CRAMModel(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -8,6 +8,8 @@ device, plus cases that only exist with a GPU (mixed devices, CUDA head dims and
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from conftest import DEVICES, cuda_only, route_from_mask, routing_mask
@@ -143,6 +145,8 @@ CASES = [
     ("route-bwd-prob-shape", lambda d: _route_bwd(d, prob=torch.rand(B, T + 1, device=d)), ValueError,
      r"prob: expected shape"),
     # ---------------------------------------------------------- routed_attention
+    ("attn-deterministic-int", lambda d: (partial(cram_ext.routed_attention, deterministic=1), _attn(d)[1]), TypeError,
+     r"deterministic must be a bool"),
     ("attn-q-rank", lambda d: _attn(d, q=torch.randn(B, T, H * _attn_dims(d), device=d, dtype=_dt(d))), ValueError,
      r"q: expected a 4-d tensor"),
     ("attn-k-rank", lambda d: _attn(d, k=torch.randn(B, S, HK * _attn_dims(d), device=d, dtype=_dt(d))),

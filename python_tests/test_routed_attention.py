@@ -122,16 +122,16 @@ def check_against_reference(q, k, v, index, counts, tol, softmax_scale=None, com
 
 @pytest.mark.parametrize("device, dtype, D", attention_params())
 def test_deterministic(device, dtype, D):
-    """Forward and backward bitwise identical run to run, on a shape where the CUDA
-    forward splits tiles over keys (few routed queries, many keys) and one where the
-    backward sums many query tiles into each dK/dV row."""
+    """deterministic=True: forward and backward bitwise identical run to run, on a shape
+    where the CUDA forward splits tiles over keys (few routed queries, many keys) and
+    one where the backward sums many query tiles into each dK/dV row."""
     for B, T, H, Hk, density in ((1, 3000, 2, 1, 0.03), (2, 700, 4, 2, 0.6)):
         q, k, v = make_qkv(B, T, T, H, Hk, D, dtype, device)
         index, counts = route_from_mask(routing_mask(B, T, "random", device, density))
         grad_out = torch.randn(q.shape, device=device).to(dtype)
         runs = []
         for _ in range(2):
-            out, lse = cram_ext.routed_attention(q, k, v, index, counts)
+            out, lse = cram_ext.routed_attention(q, k, v, index, counts, deterministic=True)
             runs.append((out, lse, *torch.autograd.grad(out, (q, k, v), grad_out)))
         for name, x, y in zip(("out", "lse", "grad q", "grad k", "grad v"), *runs):
             assert torch.equal(x, y), f"{name} differs between two runs"

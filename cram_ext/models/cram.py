@@ -32,7 +32,6 @@ class CRAMConfig:
     router_bias_init: float = 3.0
     routing: str = "learned"
     budget: float = 0.1
-    balance_router_loss: bool = False
 
     def __post_init__(self) -> None:
         if (self.vocab_size is None) == (self.input_dim is None):
@@ -52,7 +51,6 @@ class CRAMBlock(nn.Module):
         self.attn = RoutedAttention(
             d, cfg.num_heads, cfg.num_kv_heads, threshold=cfg.threshold, explore=cfg.explore, tol=cfg.tol,
             router_bias_init=cfg.router_bias_init, routing=cfg.routing, budget=cfg.budget,
-            balance_router_loss=cfg.balance_router_loss,
         )
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
 

@@ -39,11 +39,6 @@ class RoutedAttention(nn.Module):
             budget as in Mixture-of-Depths; the router still learns from the router loss,
             and the choice looks at the whole row, so it is not causal).
         budget: the fraction of tokens "topk" routes.
-        balance_router_loss: weigh the router loss's two classes equally ("still needs
-            attention" and "consolidated"), each averaged over its own routed tokens.
-            The tokens that need attention can be a few per sequence (novel queries):
-            in a plain mean their loss is swamped, and once the router drops them they
-            come back only through exploration.
 
     After each forward, `last_stats` holds `utilization` (routed / all tokens) and
     `attn_flop_fraction` (sum of (t+1) over routed t / over all t) as detached 0-dim
@@ -63,7 +58,6 @@ class RoutedAttention(nn.Module):
         router_bias_init: float = 3.0,
         routing: str = "learned",
         budget: float = 0.1,
-        balance_router_loss: bool = False,
     ) -> None:
         super().__init__()
         if routing not in ROUTING_MODES:
@@ -79,7 +73,6 @@ class RoutedAttention(nn.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.threshold, self.explore, self.tol = threshold, explore, tol
-        self.balance_router_loss = balance_router_loss
         inner, kv_inner = num_heads * self.head_dim, num_kv_heads * self.head_dim
         self.norm = nn.LayerNorm(embed_dim)
         self.q_proj = nn.Linear(embed_dim, inner, bias=False)
@@ -157,10 +150,7 @@ class RoutedAttention(nn.Module):
         # BCE written out: F.binary_cross_entropy refuses to run under autocast.
         p = prob.float().clamp(1e-6, 1 - 1e-6)
         bce = -(still_wrong * p.log() + (1 - still_wrong) * (1 - p).log())
-        if not self.balance_router_loss:
-            return cons + (bce * weight).sum() / n
-        pos, neg = weight * still_wrong, weight * (1 - still_wrong)
-        return cons + 0.5 * ((bce * pos).sum() / pos.sum().clamp_min(1.0) + (bce * neg).sum() / neg.sum().clamp_min(1.0))
+        return cons + (bce * weight).sum() / n
 
     @staticmethod
     def _stats(mask: Tensor) -> dict[str, Tensor]:
