@@ -110,10 +110,9 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cuda(const at::Tensor& q_in,
                                                          const at::Tensor& counts_in, double softmax_scale) {
   const at::Tensor q = cuda_compute(q_in), k = cuda_compute(k_in), v = cuda_compute(v_in);
   const at::Tensor index = index_in.contiguous(), counts = counts_in.contiguous();
-  // Rows that are not routed keep these values: the kernels write routed rows only.
-  at::Tensor out = at::zeros(q.sizes(), q.options());
-  at::Tensor lse = at::full({q.size(0), q.size(2), q.size(1)}, -std::numeric_limits<double>::infinity(),
-                            q.options().dtype(at::kFloat));
+  // Contiguous, and written whole by the kernels: 0 and -inf where not routed.
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   RoutedAttentionParams p = cuda_params(q, k, v, index, counts, softmax_scale);
   p.out = out.data_ptr();
   p.out_batch_stride = out.stride(0), p.out_row_stride = out.stride(1), p.out_head_stride = out.stride(2);

@@ -2,6 +2,7 @@
 // included by the per-instantiation .cu files only.
 #pragma once
 
+#include <algorithm>
 #include <climits>
 
 #include "routed_attention/routed_attention_fwd_kernel.cuh"
@@ -18,7 +19,12 @@ void run_routed_attention_fwd(const RoutedAttentionParams& p, cudaStream_t strea
   if (sizes.max_items == 0) return;
   if (sizes.max_items > INT_MAX) throw std::runtime_error("routed_attention: too many query tiles for one launch");
 
-  routed_attention_fwd_plan_kernel<Traits::kBlockM, Traits::kBlockN><<<1, kPlanThreads, 0, stream>>>(p, sizes);
+  // Block 0 plans, the others fill out and lse (one 16-byte store a thread per pass).
+  const int64_t out_bytes = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_heads * kHeadDim * sizeof(Element);
+  const int64_t fill_blocks =
+      std::max<int64_t>(1, std::min<int64_t>((out_bytes / 16 + kPlanThreads - 1) / kPlanThreads, 2 * p.num_sms));
+  routed_attention_fwd_prologue_kernel<Traits::kBlockM, Traits::kBlockN>
+      <<<static_cast<unsigned>(1 + fill_blocks), kPlanThreads, 0, stream>>>(p, sizes, out_bytes);
   CRAM_CUDA_CHECK(cudaGetLastError());
   auto kernel = routed_attention_fwd_kernel<Traits>;
   set_max_dynamic_smem(kernel, Traits::kSmemBytes);
@@ -26,7 +32,7 @@ void run_routed_attention_fwd(const RoutedAttentionParams& p, cudaStream_t strea
   CRAM_CUDA_CHECK(cudaGetLastError());
   if (sizes.max_split_tiles > 0) {
     routed_attention_fwd_combine_kernel<kHeadDim, Traits::kBlockM, Element>
-        <<<sizes.max_split_tiles, Traits::kBlockM, 0, stream>>>(p, sizes);
+        <<<sizes.max_split_tiles * combine_ctas_per_tile<Traits::kBlockM>(), kCombineThreads, 0, stream>>>(p, sizes);
     CRAM_CUDA_CHECK(cudaGetLastError());
   }
 }

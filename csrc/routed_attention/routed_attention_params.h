@@ -32,8 +32,8 @@ struct RoutedAttentionParams {
   const int32_t* index = nullptr;  // (B, T)
   const int32_t* counts = nullptr;  // (B,)
 
-  // Forward. out must arrive zero-filled and lse filled with -inf: the kernels write
-  // the routed rows only.
+  // Forward. out is contiguous; the CUDA forward writes all of out and lse (0 and -inf
+  // at rows not routed, in the plan's prologue kernel).
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
