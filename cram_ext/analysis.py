@@ -6,7 +6,12 @@ Definitions (docs/results.md uses them):
   gamma: the exponent of the power law u(step) = a * step^(-gamma), fitted by least squares
       on log u against log step over the evaluated steps from the transition step on.
 
-    python -m cram_ext.analysis RUN_DIR      # (re)draws RUN_DIR/utilization.png from metrics.jsonl
+  routing breakdown (SRCD): which kinds of token the trained model sends to attention, in
+      eval mode on the run's evaluation examples: novel-key queries, recurring-key queries,
+      stores, the two steps right after a query, and the other (observe) steps.
+
+    python -m cram_ext.analysis RUN_DIR            # (re)draws RUN_DIR/utilization.png from metrics.jsonl
+    python -m cram_ext.analysis RUN_DIR --routing  # prints the routing breakdown as JSON
 """
 
 from __future__ import annotations
@@ -96,11 +101,64 @@ def plot_run(run_dir: Path, title: str = "") -> Path:
     return out
 
 
+def routing_breakdown(run_dir: Path, examples: int = 512) -> dict:
+    """The routing breakdown (module docstring) of the SRCD run in run_dir, from its
+    config.json and checkpoint.pt, on the CPU: per kind of token, tokens per sequence,
+    the fraction of them routed and routed tokens per sequence (first layer)."""
+    import torch
+
+    from . import train
+    from .data import IGNORE
+    from .models import CRAMConfig, CRAMModel
+
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    if cfg["task"] != "srcd":
+        raise ValueError(f"routing_breakdown: SRCD runs only, {run_dir} is a {cfg['task']!r} run")
+    args = argparse.Namespace(**{k: v for k, v in cfg.items() if k != "model"})
+    model = CRAMModel(CRAMConfig(**cfg["model"]))
+    model.load_state_dict(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["model"])
+    model.eval()
+    task = train.make_task(args)
+    batch = task.batch(examples, train.EVAL_SEED + args.seed, torch.device("cpu"))
+    with torch.no_grad():
+        task.forward(model, batch)
+    mask = model.routed_attention_layers()[0].last_mask
+
+    query = batch["labels"] != IGNORE
+    store = batch["inputs"][..., args.obs_dim + 1] == 1  # event channels: observe, store, query
+    after_query = torch.zeros_like(query)
+    after_query[:, 1:] |= query[:, :-1]
+    after_query[:, 2:] |= query[:, :-2]
+    after_query &= ~query & ~store
+    kinds = {
+        "novel_query": query & ~batch["recurring"],
+        "recurring_query": batch["recurring"],
+        "store": store,
+        "after_query": after_query,
+        "other": ~query & ~store & ~after_query,
+    }
+    n = mask.shape[0]
+    out = {"utilization": mask.float().mean().item(), "examples": n}
+    for name, sel in kinds.items():
+        count = sel.sum().item()
+        out[name] = {
+            "tokens_per_seq": count / n,
+            "routed_fraction": (mask & sel).sum().item() / max(count, 1),
+            "routed_per_seq": (mask & sel).sum().item() / n,
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run_dir", type=Path)
+    p.add_argument("--routing", action="store_true", help="print the routing breakdown (SRCD) instead of plotting")
     args = p.parse_args(argv)
-    print(plot_run(args.run_dir))
+    if args.routing:
+        print(json.dumps(routing_breakdown(args.run_dir), indent=1))
+    else:
+        print(plot_run(args.run_dir))
     return 0
 
 

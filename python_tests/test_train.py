@@ -41,6 +41,21 @@ def test_smoke_loss_falls_and_routing_drops(tmp_path):
     assert (tmp_path / "checkpoint.pt").exists()
 
 
+def test_routing_breakdown(tmp_path):
+    """The breakdown's token kinds partition every sequence, the counts are the task's, and
+    its routed counts add up to the model's utilization."""
+    args = train.build_parser().parse_args(
+        TINY + ["--steps", "30", "--eval-every", "30", "--router-warmup", "5", "--no-transfer", "--out", str(tmp_path)])
+    train.run(args)
+    b = analysis.routing_breakdown(tmp_path, examples=32)
+    kinds = ("novel_query", "recurring_query", "store", "after_query", "other")
+    assert sum(b[k]["tokens_per_seq"] for k in kinds) == pytest.approx(48)
+    assert b["novel_query"]["tokens_per_seq"] + b["recurring_query"]["tokens_per_seq"] == pytest.approx(2)
+    assert b["store"]["tokens_per_seq"] == pytest.approx(4)
+    assert sum(b[k]["routed_per_seq"] for k in kinds) == pytest.approx(48 * b["utilization"])
+    assert all(0.0 <= b[k]["routed_fraction"] <= 1.0 for k in kinds)
+
+
 def test_resume_is_exact(tmp_path):
     """20 steps, stop, resume to 40: the same weights and the same logged losses as 40 steps
     in one go."""

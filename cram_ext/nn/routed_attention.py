@@ -42,8 +42,9 @@ class RoutedAttention(nn.Module):
 
     After each forward, `last_stats` holds `utilization` (routed / all tokens) and
     `attn_flop_fraction` (sum of (t+1) over routed t / over all t) as detached 0-dim
-    tensors (no host sync; call float() to log them), and in training `aux_loss` holds
-    the consolidation + router loss (see `aux_losses`).
+    tensors (no host sync; call float() to log them), `last_mask` the (B, T) bool mask of
+    the routed tokens, and in training `aux_loss` holds the consolidation + router loss
+    (see `aux_losses`).
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class RoutedAttention(nn.Module):
         hidden = 2 * embed_dim if semantic_hidden is None else semantic_hidden
         self.semantic = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, inner))
         self.last_stats: dict[str, Tensor] = {}
+        self.last_mask: Tensor | None = None
         self.aux_loss: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -100,6 +102,7 @@ class RoutedAttention(nn.Module):
         y = self.out_proj(torch.where(routed, attn, semantic.to(attn.dtype)))
 
         self.last_stats = self._stats(r.mask)
+        self.last_mask = r.mask
         self.aux_loss = self._consolidation_losses(semantic, attn, r.prob, r.mask) if self.training else None
         return y
 
