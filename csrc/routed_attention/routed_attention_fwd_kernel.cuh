@@ -10,6 +10,8 @@
 // prologue kernel of the plan fills out = 0 and lse = -inf first).
 #pragma once
 
+#include <cfloat>
+
 #include "routed_attention/routed_attention_fwd_plan.cuh"
 
 namespace cram {
@@ -179,13 +181,23 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   }
   clear(acc_o);
   Tensor acc_o_rc = make_tensor(acc_o.data(), acc_rowcol_layout(acc_o.layout()));
-  const float scale_log2 = p.scale_log2;
+  // Scores stay unscaled; the scale is folded into the exponent (one FFMA an element,
+  // as FlashAttention does). That needs a positive scale: a negative one is applied by
+  // negating Q in shared memory, and 0 becomes FLT_MIN, which gives the same uniform
+  // weights (exp2(s * FLT_MIN) rounds to 1) while masked scores stay -inf.
+  const bool negate_q = p.scale_log2 < 0.f;
+  const float scale_log2 = fmaxf(fabsf(p.scale_log2), FLT_MIN);
 
   for (int n = n_hi - 1; n >= n_lo; --n) {
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
     cp_async_wait<0>();
     __syncthreads();  // K[n] landed; every warp is done with V[n + 1]
+    if (negate_q && n == n_hi - 1) {  // Q landed with the first K tile
+      uint32_t* q_words = reinterpret_cast<uint32_t*>(smem_q);
+      for (int i = tid; i < Traits::kSmemQElems / 2; i += kNThreads) q_words[i] ^= 0x80008000u;  // sign bits
+      __syncthreads();
+    }
     load_kv(sV, v_ptr, p.v_row_stride, n);
     cp_async_commit();
 
@@ -199,20 +211,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       cp_async_commit();
     }
 
-    // Scores in the log2 domain, masked, then the online softmax update.
+    // Causal mask on the tiles that need it (scores unscaled), then the online softmax
+    // update; row_max is kept unscaled too.
     Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
-    const bool need_mask = n >= n_first_masked;
-    const int col0 = n * kBlockN;
-    int limit[kRows];  // last visible column of each row in this tile
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) limit[i] = need_mask ? s_limit[get<0>(tScS_rc(i, 0))] - col0 : INT_MAX;
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) {
-      const int j = get<1>(tScS_rc(0, c));
+    if (n >= n_first_masked) {
+      const int col0 = n * kBlockN;
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
-        const float x = s(i, c) * scale_log2;
-        s(i, c) = j > limit[i] ? -INFINITY : x;
+        const int limit = s_limit[get<0>(tScS_rc(i, 0))] - col0;  // last visible column of the row
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          if (get<1>(tScS_rc(0, c)) > limit) s(i, c) = -INFINITY;
+        }
       }
     }
 #pragma unroll
@@ -221,13 +231,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #pragma unroll
       for (int c = 0; c < kCols; ++c) m = fmaxf(m, s(i, c));
       m = quad_max(m);
-      const float m_use = m == -INFINITY ? 0.f : m;  // a row with every key masked so far
-      const float corr = exp2f(row_max[i] - m_use);
+      const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;  // a row with every key masked so far
+      const float corr = exp2f(row_max[i] * scale_log2 - m_scaled);
       row_max[i] = m;
       float sum = row_sum[i] * corr;
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
-        const float e = exp2f(s(i, c) - m_use);
+        const float e = exp2f(fmaf(s(i, c), scale_log2, -m_scaled));
         s(i, c) = e;
         sum += e;
       }
@@ -248,7 +258,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     const float sum = quad_sum(row_sum[i]);
     const bool any = sum > 0.f;
     const float inv = any ? 1.f / sum : 0.f;
-    row_lse[i] = any ? (row_max[i] + __log2f(sum)) * kLn2 : -INFINITY;
+    row_lse[i] = any ? (row_max[i] * scale_log2 + __log2f(sum)) * kLn2 : -INFINITY;
 #pragma unroll
     for (int c = 0; c < decltype(size<1>(acc_o_rc))::value; ++c) acc_o_rc(i, c) *= inv;
   }
