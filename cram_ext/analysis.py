@@ -59,6 +59,12 @@ def eval_curve(records: list[dict]) -> tuple[list[int], list[float], list[float]
     return [r["step"] for r in ev], [r["eval_utilization"] for r in ev], [r["retrieval_acc"] for r in ev]
 
 
+def fit_curve(steps: list[int], utilization: list[float]) -> tuple[int | None, tuple[float, float] | None]:
+    """(transition step, power-law fit (gamma, a) from it on) of a utilization curve."""
+    t = transition_step(steps, utilization)
+    return t, power_law_fit(steps, utilization, t)
+
+
 def plot_run(run_dir: Path, title: str = "") -> Path:
     """Utilization (log scale) and retrieval accuracy over steps, with the power-law fit and
     the transition step; written to run_dir/utilization.png."""
@@ -78,8 +84,7 @@ def plot_run(run_dir: Path, title: str = "") -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("fraction of tokens routed to attention")
-    t = transition_step(steps, util)
-    fit = power_law_fit(steps, util, t)
+    t, fit = fit_curve(steps, util)
     if t is not None:
         ax.axvline(t, color="C3", ls="--", lw=1, label=f"transition step {t}")
     if fit is not None:
@@ -109,6 +114,7 @@ def routing_breakdown(run_dir: Path, examples: int = 512) -> dict:
 
     from . import train
     from .data import IGNORE
+    from .data.srcd import STORE
     from .models import CRAMConfig, CRAMModel
 
     run_dir = Path(run_dir)
@@ -126,7 +132,7 @@ def routing_breakdown(run_dir: Path, examples: int = 512) -> dict:
     mask = model.routed_attention_layers()[0].last_mask
 
     query = batch["labels"] != IGNORE
-    store = batch["inputs"][..., args.obs_dim + 1] == 1  # event channels: observe, store, query
+    store = batch["inputs"][..., args.obs_dim + STORE] == 1  # the event one-hot follows the observation
     after_query = torch.zeros_like(query)
     after_query[:, 1:] |= query[:, :-1]
     after_query[:, 2:] |= query[:, :-2]

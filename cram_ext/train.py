@@ -42,6 +42,15 @@ ROUTING = {"learned": "learned", "dense": "dense", "static": "topk", "none": "no
 # ----------------------------------------------------------------------------- tasks
 
 
+def to_device(batch: Any, device: torch.device) -> dict[str, Tensor]:
+    """The tensor fields of a task's batch dataclass, moved to device. On CUDA through pinned
+    memory without blocking, so that the host does not wait for the GPU at every field."""
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in fields.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in fields.items()}
+
+
 class SRCDTask:
     """Sparse retrieval in continuous dynamics (docs/tasks.md): the model reads the input
     channels and predicts the next observation and, at query steps, the value."""
@@ -61,8 +70,7 @@ class SRCDTask:
                 "output_dim": kw["obs_dim"] + kw["num_values"]}
 
     def batch(self, n: int, seed: int, device: torch.device) -> dict[str, Tensor]:
-        b = srcd(n, seed=seed, **self.kw)
-        return {k: getattr(b, k).to(device) for k in ("inputs", "dt", "targets", "target_mask", "labels", "recurring")}
+        return to_device(srcd(n, seed=seed, **self.kw), device)
 
     def forward(self, model: CRAMModel, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         out = model(batch["inputs"], batch["dt"]).float()
@@ -71,9 +79,16 @@ class SRCDTask:
 
     def loss(self, logits: Tensor, pred: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         ce = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
-        m = batch["target_mask"].unsqueeze(-1).float()
-        mse = ((pred - batch["targets"]).pow(2) * m).sum() / (m.sum() * pred.shape[-1]).clamp_min(1)
+        sq, count = self.squared_error(pred, batch)
+        mse = sq / count.clamp_min(1)
         return ce + self.mse_weight * mse, {"ce": ce.detach(), "mse": mse.detach()}
+
+    @staticmethod
+    def squared_error(pred: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Sum of the next-observation squared errors over the steps that have a target, and
+        the number of terms summed."""
+        m = batch["target_mask"].unsqueeze(-1).float()
+        return ((pred - batch["targets"]).pow(2) * m).sum(), m.sum() * pred.shape[-1]
 
 
 class MQARTask:
@@ -90,8 +105,7 @@ class MQARTask:
         return {"vocab_size": self.kw["vocab_size"]}
 
     def batch(self, n: int, seed: int, device: torch.device) -> dict[str, Tensor]:
-        b = mqar(n, seed=seed, **self.kw)
-        return {"inputs": b.inputs.to(device), "labels": b.labels.to(device), "recurring": b.recurring.to(device)}
+        return to_device(mqar(n, seed=seed, **self.kw), device)
 
     def forward(self, model: CRAMModel, batch: dict[str, Tensor]) -> tuple[Tensor, None]:
         return model(batch["inputs"]).float(), None
@@ -149,9 +163,9 @@ def evaluate(model: CRAMModel, task, batch: dict[str, Tensor], device: torch.dev
         util.append(torch.stack(u) * w)
         flops.append(torch.stack(f) * w)
         if pred is not None:
-            m = part["target_mask"].unsqueeze(-1).float()
-            sq.append(((pred - part["targets"]).pow(2) * m).sum())
-            cnt.append(m.sum() * pred.shape[-1])
+            s, c = task.squared_error(pred, part)
+            sq.append(s)
+            cnt.append(c)
     model.train(was_training)
     correct, recurring = torch.cat(correct).float(), torch.cat(is_query)
     per_layer = torch.stack(util).sum(0)
@@ -319,16 +333,20 @@ def run(args: argparse.Namespace) -> dict:
             with autocast(device):
                 logits, pred = task.forward(model, batch)
             loss, parts = task.loss(logits, pred, batch)
-            aux = aux_losses(model).to(loss.device)
+            aux = aux_losses(model)
             optimizer.zero_grad(set_to_none=True)
             (loss + aux).backward()
             optimizer.step()
 
             if step % args.log_every == 0 or record:
                 u, f = layer_stats(model)
-                record.update(step=step, loss=loss.item(), aux_loss=aux.item(), utilization=float(torch.stack(u).mean()),
-                              attn_flop_fraction=float(torch.stack(f).mean()), lr=lr_at(step, args),
-                              wall_s=wall_before + time.perf_counter() - t0, **{k: float(v) for k, v in parts.items()})
+                # One device-to-host copy for every logged number.
+                values = torch.stack([loss.detach().float(), aux.detach().float(), torch.stack(u).mean(),
+                                      torch.stack(f).mean(), *(v.float() for v in parts.values())]).tolist()
+                loss_v, aux_v, util_v, flop_v, *part_v = values
+                record.update(step=step, loss=loss_v, aux_loss=aux_v, utilization=util_v, attn_flop_fraction=flop_v,
+                              lr=lr_at(step, args), wall_s=wall_before + time.perf_counter() - t0,
+                              **dict(zip(parts, part_v)))
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if progress is not None:
@@ -358,12 +376,10 @@ def run(args: argparse.Namespace) -> dict:
 
 def summarize(out: Path, args: argparse.Namespace, wall_s: float) -> dict:
     records = analysis.read_metrics(out)
-    evals = [r for r in records if "retrieval_acc" in r]
+    last = [r for r in records if "retrieval_acc" in r][-1]
     steps, util, _ = analysis.eval_curve(records)
-    first, last = evals[0], evals[-1]
-    t = analysis.transition_step(steps, util)
-    fit = analysis.power_law_fit(steps, util, t)
-    u0, u1 = first["eval_utilization"], last["eval_utilization"]
+    t, fit = analysis.fit_curve(steps, util)
+    u0, u1 = util[0], util[-1]
     return {
         "task": args.task,
         "routing": args.routing,

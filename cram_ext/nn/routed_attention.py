@@ -170,5 +170,6 @@ def aux_losses(model: nn.Module) -> Tensor:
     from its last training forward (0 when there is none)."""
     losses = [m.aux_loss for m in model.modules() if isinstance(m, RoutedAttention) and m.aux_loss is not None]
     if not losses:
-        return torch.zeros(())
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=None if param is None else param.device)
     return torch.stack(losses).sum()
