@@ -1,6 +1,7 @@
 """Synthetic tasks, generated on the fly and seeded (definitions in docs/tasks.md)."""
 
-from .mqar import IGNORE, MQARBatch, mqar, recurring_table
+from .common import IGNORE
+from .mqar import MQARBatch, mqar, recurring_table
 from .srcd import SRCDBatch, srcd, srcd_input_dim, srcd_recurring_table
 
 __all__ = [

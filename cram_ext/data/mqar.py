@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-IGNORE = -100  # label of positions that are not queries (torch's cross-entropy default)
+from .common import IGNORE, key_value_table, keys_outside, uniform_subset
 
 
 @dataclass
@@ -25,14 +25,13 @@ class MQARBatch:
 
 
 def recurring_table(vocab_size: int, num_pairs: int, seed: int) -> tuple[Tensor, Tensor]:
-    """The data set's fixed key -> value pairs: distinct keys in [1, V/2), values in [V/2, V)."""
-    g = torch.Generator().manual_seed(seed)
+    """The data set's fixed key -> value pairs: distinct keys in [1, V/2), values in [V/2, V).
+    The shared table drawn over MQAR's ranges (keys shifted past the filler token 0)."""
     half = vocab_size // 2
     if num_pairs > half - 1:
         raise ValueError(f"num_pairs={num_pairs} recurring pairs need more than vocab_size/2 - 1 = {half - 1} keys")
-    keys = torch.randperm(half - 1, generator=g)[:num_pairs] + 1
-    values = torch.randint(half, vocab_size, (num_pairs,), generator=g)
-    return keys, values
+    keys, values = key_value_table(half - 1, vocab_size - half, num_pairs, seed)
+    return keys + 1, values + half
 
 
 def mqar(
@@ -67,35 +66,33 @@ def mqar(
     if n_rec > num_recurring_pairs:
         raise ValueError(f"{n_rec} recurring pairs per example need num_recurring_pairs >= {n_rec}")
     g = torch.Generator().manual_seed(seed)
-    half = vocab_size // 2
+    N, kv, half = num_examples, num_kv_pairs, vocab_size // 2
     table_keys, table_values = recurring_table(vocab_size, num_recurring_pairs, table_seed)
-    novel_pool = torch.ones(half, dtype=torch.bool)
-    novel_pool[0] = False
-    novel_pool[table_keys] = False
-    novel_keys_all = novel_pool.nonzero().squeeze(1)
-    n_novel = num_kv_pairs - n_rec
-    if n_novel > novel_keys_all.numel():
+    novel_pool = keys_outside(half - 1, table_keys - 1) + 1  # keys of [1, V/2) outside the table
+    n_novel = kv - n_rec
+    if n_novel > novel_pool.numel():
         raise ValueError("not enough keys outside the recurring table for the novel pairs")
 
-    context = 2 * num_kv_pairs
+    context = 2 * kv
     slots = torch.arange((seq_len - context) // 2)  # query offsets 0, 2, 4, ... after the context
     slot_weight = (slots + 1).double() ** (power_a - 1)
 
-    seq = torch.zeros(num_examples, seq_len + 1, dtype=torch.long)
-    labels = torch.full((num_examples, seq_len + 1), IGNORE, dtype=torch.long)
-    recurring = torch.zeros(num_examples, seq_len + 1, dtype=torch.bool)
-    for n in range(num_examples):
-        pick = torch.randperm(num_recurring_pairs, generator=g)[:n_rec]
-        novel = novel_keys_all[torch.randperm(novel_keys_all.numel(), generator=g)[:n_novel]]
-        keys = torch.cat([table_keys[pick], novel])
-        values = torch.cat([table_values[pick], torch.randint(half, vocab_size, (n_novel,), generator=g)])
-        is_rec = torch.arange(num_kv_pairs) < n_rec
-        order = torch.randperm(num_kv_pairs, generator=g)
-        keys, values, is_rec = keys[order], values[order], is_rec[order]
-        seq[n, 0:context:2], seq[n, 1:context:2] = keys, values
-        where = context + 2 * slots[torch.multinomial(slot_weight, num_kv_pairs, replacement=False, generator=g)]
-        seq[n, where], seq[n, where + 1] = keys, values
-        labels[n, where + 1] = values
-        recurring[n, where] = is_rec
+    pick = uniform_subset(N, num_recurring_pairs, n_rec, g)
+    novel = novel_pool[uniform_subset(N, novel_pool.numel(), n_novel, g)]
+    keys = torch.cat([table_keys[pick], novel], dim=1)
+    values = torch.cat([table_values[pick], torch.randint(half, vocab_size, (N, n_novel), generator=g)], dim=1)
+    is_rec = (torch.arange(kv) < n_rec).expand(N, -1)
+    order = uniform_subset(N, kv, kv, g)
+    keys, values, is_rec = keys.gather(1, order), values.gather(1, order), is_rec.gather(1, order)
+    where = context + 2 * slots[torch.multinomial(slot_weight.expand(N, -1), kv, replacement=False, generator=g)]
+
+    rows = torch.arange(N)[:, None]
+    seq = torch.zeros(N, seq_len + 1, dtype=torch.long)
+    labels = torch.full((N, seq_len + 1), IGNORE, dtype=torch.long)
+    recurring = torch.zeros(N, seq_len + 1, dtype=torch.bool)
+    seq[:, 0:context:2], seq[:, 1:context:2] = keys, values
+    seq[rows, where], seq[rows, where + 1] = keys, values
+    labels[rows, where + 1] = values
+    recurring[rows, where] = is_rec
     # Inputs are tokens 0..L-1; a query's label sits at the key's position (the next token).
     return MQARBatch(seq[:, :-1], labels[:, 1:], recurring[:, :-1])

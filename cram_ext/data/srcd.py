@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .mqar import IGNORE
+from .common import IGNORE, key_value_table, keys_outside, uniform_subset
 
 # Event channels, in this order, after the observation channels.
 OBSERVE, STORE, QUERY = 0, 1, 2
@@ -63,15 +63,7 @@ def srcd_recurring_table(num_keys: int, num_values: int, num_pairs: int, seed: i
         raise ValueError(f"num_pairs={num_pairs} recurring pairs need 0 <= num_pairs <= num_keys={num_keys}")
     if num_values < 1:
         raise ValueError(f"num_values={num_values} must be >= 1")
-    g = torch.Generator().manual_seed(seed)
-    keys = torch.randperm(num_keys, generator=g)[:num_pairs]
-    values = torch.randint(0, num_values, (num_pairs,), generator=g)
-    return keys, values
-
-
-def _uniform_subset(n: int, pool: int, k: int, g: torch.Generator) -> Tensor:
-    """(n, k) int64: per row, k distinct indices of [0, pool), a uniform random subset in random order."""
-    return torch.rand(n, pool, generator=g).argsort(dim=1, stable=True)[:, :k]
+    return key_value_table(num_keys, num_values, num_pairs, seed)
 
 
 def srcd(
@@ -175,25 +167,23 @@ def srcd(
 
     # --- Events and key-value pairs. ---
     rows = torch.arange(N)[:, None]
-    store_pos = _uniform_subset(N, half, num_stores, g).sort(dim=1).values
-    query_pos = (_uniform_subset(N, L - half, num_queries, g) + half).sort(dim=1).values
+    store_pos = uniform_subset(N, half, num_stores, g).sort(dim=1).values
+    query_pos = (uniform_subset(N, L - half, num_queries, g) + half).sort(dim=1).values
     table_keys, table_values = srcd_recurring_table(num_keys, num_values, num_recurring_pairs, table_seed)
     if n_rec > 0:
         weight = (torch.arange(num_recurring_pairs, dtype=f64) + 1) ** (-recurring_zipf)
         pick = torch.multinomial(weight.expand(N, -1), n_rec, replacement=False, generator=g)
     else:
         pick = torch.zeros(N, 0, dtype=torch.long)
-    outside = torch.ones(num_keys, dtype=torch.bool)
-    outside[table_keys] = False
-    novel_pool = outside.nonzero().squeeze(1)
-    novel_keys = novel_pool[_uniform_subset(N, novel_pool.numel(), n_novel, g)]
+    novel_pool = keys_outside(num_keys, table_keys)
+    novel_keys = novel_pool[uniform_subset(N, novel_pool.numel(), n_novel, g)]
     novel_values = torch.randint(0, num_values, (N, n_novel), generator=g)
     keys = torch.cat([table_keys[pick], novel_keys], dim=1)
     values = torch.cat([table_values[pick], novel_values], dim=1)
     is_rec = (torch.arange(num_stores) < n_rec).expand(N, -1)
-    order = _uniform_subset(N, num_stores, num_stores, g)  # which pair each store step holds
+    order = uniform_subset(N, num_stores, num_stores, g)  # which pair each store step holds
     keys, values, is_rec = keys.gather(1, order), values.gather(1, order), is_rec.gather(1, order)
-    asked = _uniform_subset(N, num_stores, num_queries, g)  # which stored pair each query asks
+    asked = uniform_subset(N, num_stores, num_queries, g)  # which stored pair each query asks
     q_keys, q_values, q_rec = keys.gather(1, asked), values.gather(1, asked), is_rec.gather(1, asked)
 
     # Noise last, always drawn, so noise only scales it: the rest of the batch does not depend on noise.
