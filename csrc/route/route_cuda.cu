@@ -118,8 +118,9 @@ __global__ void __launch_bounds__(kThreads, kLogitBlocksPerSm)
         }
         __syncthreads();
       }
-      // groups divides kTileRows, so a warp's groups leave this loop together and
-      // every lane of a group takes part in its shuffles.
+      // groups divides kTileRows, or (groups of 1 or 2 threads) is a multiple of it
+      // whose extra groups fill whole warps: either way a warp's groups enter and leave
+      // this loop together, and every lane of a group takes part in its shuffles.
       for (int i = g; i < kTileRows; i += groups) {
         const int64_t t = t0 + i;
         float acc = 0.0f;
@@ -362,13 +363,6 @@ int multiprocessor_count() {
   return sms;
 }
 
-int compute_capability_major() {
-  int device = 0, major = 0;
-  CRAM_CUDA_CHECK(cudaGetDevice(&device));
-  CRAM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major;
-}
-
 template <typename T, int VEC>
 void launch_logits(const RouteParams& p, const FwdPlan& plan, cudaStream_t stream) {
   const int64_t blocks = std::min<int64_t>(p.batch * plan.tiles_per_row, int64_t{kLogitBlocksPerSm} * multiprocessor_count());
@@ -377,9 +371,11 @@ void launch_logits(const RouteParams& p, const FwdPlan& plan, cudaStream_t strea
   CRAM_CUDA_CHECK(cudaGetLastError());
 }
 
-// route_compact as a programmatic dependent launch where the GPU has them (sm_90+): its
-// blocks are placed while route_logits finishes and wait in the kernel for its results,
-// instead of the stream's launch gap between the two.
+// route_compact as a programmatic dependent launch where its code waits for route_logits
+// (griddepcontrol.wait, compiled for sm_90+): its blocks are placed while route_logits
+// finishes, instead of the stream's launch gap between the two. Decided from the code that
+// runs on this device, not from the device alone: a build JIT-compiled from older PTX has
+// no wait in route_compact, and would then read mask and tile counts too early.
 void launch_compact(const RouteParams& p, const FwdPlan& plan, cudaStream_t stream) {
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(p.batch * plan.spans_per_row));
@@ -388,7 +384,9 @@ void launch_compact(const RouteParams& p, const FwdPlan& plan, cudaStream_t stre
   cudaLaunchAttribute dependent{};
   dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   dependent.val.programmaticStreamSerializationAllowed = 1;
-  if (compute_capability_major() >= 9) {
+  cudaFuncAttributes compact{};
+  CRAM_CUDA_CHECK(cudaFuncGetAttributes(&compact, route_compact_kernel));
+  if (compact.ptxVersion >= 90) {
     config.attrs = &dependent;
     config.numAttrs = 1;
   }
@@ -448,6 +446,11 @@ void route_fwd_cuda(const RouteParams& p, void* stream_ptr) {
   }
   const FwdPlan plan = fwd_plan(p);
   if (p.workspace == nullptr) throw std::invalid_argument("route: the CUDA kernels need a workspace");
+  for (const ElementType t : {p.weight_dtype, p.bias_dtype}) {  // what load_as_float reads
+    if (t != ElementType::kFloat32 && t != p.dtype) {
+      throw std::invalid_argument("route: the CUDA kernels read weight and bias in float32 or in hidden's type");
+    }
+  }
   if (p.batch * plan.tiles_per_row > INT32_MAX) throw std::invalid_argument("route: too many rows for one launch");
   dispatch_cuda_element_type(p.dtype, [&](auto tag) {
     using T = decltype(tag);

@@ -66,7 +66,7 @@ struct RoutedAttentionParams {
 
 #ifdef CRAM_WITH_CUDA
 // Bytes of workspace the forward needs: a function of the shapes and num_sms only, never
-// of counts/index, so it can be allocated without a host sync. May be 0.
+// of counts/index, so it can be allocated without a host sync.
 size_t routed_attention_fwd_workspace_bytes(const RoutedAttentionParams& p);
 void routed_attention_fwd_cuda(const RoutedAttentionParams& p, void* stream);
 
