@@ -30,6 +30,7 @@ struct RouteParams {
   bool* mask;           // (B, T) out
   int32_t* index;       // (B, T) out
   int32_t* counts;      // (B,) out
+  int num_sms;          // CUDA only: multiprocessors of the device (sizes the grid)
   void* workspace;      // CUDA only: route_fwd_workspace_bytes(*this) bytes of scratch, or nullptr if 0
 };
 
@@ -45,6 +46,7 @@ struct RouteBwdParams {
   void* grad_hidden;      // (B, T, C) out
   void* grad_weight;      // (C,) out
   void* grad_bias;        // scalar out
+  int num_sms;            // CUDA only: multiprocessors of the device (sizes the grid and the workspace)
   void* workspace;        // CUDA only: route_bwd_workspace_bytes(*this) bytes of scratch, or nullptr if 0
 };
 

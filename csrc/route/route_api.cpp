@@ -9,6 +9,10 @@
 #include "common/torch_utils.h"
 #include "route/route.h"
 
+#ifdef CRAM_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
 namespace cram {
 namespace {
 
@@ -78,6 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route(const at::Tenso
   p.counts = counts.data_ptr<int32_t>();
   if (hidden.is_cuda()) {
 #ifdef CRAM_WITH_CUDA
+    p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     // Scratch of the kernels (routed counts per tile), from the caching allocator:
     // no sync, and graph-safe. Freed at scope exit, reused in stream order.
     const at::Tensor workspace = at::empty({static_cast<int64_t>(route_fwd_workspace_bytes(p))},
@@ -124,6 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_backward(const at::Tensor& 
   p.grad_bias = grad_bias.data_ptr();
   if (hidden.is_cuda()) {
 #ifdef CRAM_WITH_CUDA
+    p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     // Scratch of the kernels (partial sums of grad_weight / grad_bias).
     const at::Tensor workspace = at::empty({static_cast<int64_t>(route_bwd_workspace_bytes(p))},
                                            hidden.options().dtype(at::kByte));

@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kThreads, kLogitBlocksPerSm)
 #pragma unroll
             for (int u = 0; u < kLogitLoads; ++u) {
               const int c = c0 + u * stride;
-              h[u] = c < chunk ? load_packed_streaming<T, VEC>(row + c) : zero_packed<T, VEC>();
+              h[u] = c < chunk ? load_packed<T, VEC, /*kStreaming=*/true>(row + c) : zero_packed<T, VEC>();
             }
 #pragma unroll
             for (int u = 0; u < kLogitLoads; ++u) {
@@ -356,16 +356,9 @@ FwdPlan fwd_plan(const RouteParams& p) {
   return plan;
 }
 
-int multiprocessor_count() {
-  int device = 0, sms = 0;
-  CRAM_CUDA_CHECK(cudaGetDevice(&device));
-  CRAM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
-
 template <typename T, int VEC>
 void launch_logits(const RouteParams& p, const FwdPlan& plan, cudaStream_t stream) {
-  const int64_t blocks = std::min<int64_t>(p.batch * plan.tiles_per_row, int64_t{kLogitBlocksPerSm} * multiprocessor_count());
+  const int64_t blocks = std::min<int64_t>(p.batch * plan.tiles_per_row, int64_t{kLogitBlocksPerSm} * p.num_sms);
   route_logits_kernel<T, VEC><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       p, group_log2(p.channels, VEC), plan.tiles_per_row, static_cast<int*>(p.workspace));
   CRAM_CUDA_CHECK(cudaGetLastError());
@@ -410,7 +403,7 @@ BwdPlan bwd_plan(const RouteBwdParams& p) {
   const int64_t cw = int64_t{1} << plan.log2_cw, thread_rows = kThreads / cw;
   plan.slices = std::max<int64_t>(1, ceil_div(ceil_div(p.channels, plan.vec), cw));
   const int64_t rows = p.batch * p.seqlen;
-  const int64_t target_tiles = std::max<int64_t>(1, ceil_div(4 * multiprocessor_count(), plan.slices));
+  const int64_t target_tiles = std::max<int64_t>(1, ceil_div(int64_t{4} * p.num_sms, plan.slices));
   const int64_t step = thread_rows * kBwdUnroll;
   plan.rows_per_tile = std::max<int64_t>(step, ceil_div(ceil_div(rows, target_tiles), step) * step);
   plan.row_tiles = ceil_div(rows, plan.rows_per_tile);
@@ -446,6 +439,7 @@ void route_fwd_cuda(const RouteParams& p, void* stream_ptr) {
   }
   const FwdPlan plan = fwd_plan(p);
   if (p.workspace == nullptr) throw std::invalid_argument("route: the CUDA kernels need a workspace");
+  if (p.num_sms <= 0) throw std::invalid_argument("route: num_sms must be set");
   for (const ElementType t : {p.weight_dtype, p.bias_dtype}) {  // what load_as_float reads
     if (t != ElementType::kFloat32 && t != p.dtype) {
       throw std::invalid_argument("route: the CUDA kernels read weight and bias in float32 or in hidden's type");
@@ -472,6 +466,7 @@ void route_bwd_cuda(const RouteBwdParams& p, void* stream_ptr) {
     return;
   }
   if (p.workspace == nullptr) throw std::invalid_argument("route_backward: the CUDA kernels need a workspace");
+  if (p.num_sms <= 0) throw std::invalid_argument("route_backward: num_sms must be set");
   dispatch_cuda_element_type(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const BwdPlan plan = bwd_plan<T>(p);

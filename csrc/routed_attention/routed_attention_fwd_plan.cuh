@@ -28,13 +28,13 @@ constexpr int kPlanBuckets = 64;
 // One CTA of the forward: query tile (b, h, slots slot0 .. slot0 + rows - 1 of index[b]),
 // key tiles [n_lo, n_hi). partial >= 0: the tile is split and this item writes its
 // (O, lse) partial to buffer `partial`; -1: it writes the output itself.
-struct FwdWorkItem {
-  int b, h, slot0, rows, n_lo, n_hi, partial, unused;
+struct alignas(16) FwdWorkItem {
+  int b, h, slot0, rows, n_lo, n_hi, partial;
 };
 
 // A split tile for the combine: its partials are buffers first_partial + [0, n_split).
-struct FwdSplitTile {
-  int b, h, slot0, rows, first_partial, n_split, unused0, unused1;
+struct alignas(16) FwdSplitTile {
+  int b, h, slot0, rows, first_partial, n_split;
 };
 
 // Bounds of the plan, from the shapes and the SM count only (they size the workspace).
@@ -107,34 +107,34 @@ struct FwdWorkspace {
   }
 };
 
-// Query tiles come in groups (b, r): the r-th tile from the end of row b, for every head
-// (tiles end-aligned, as in locate_query_tile). A group's key length is the same for all
-// heads. Returns that length in key tiles, 0 if row b has no r-th tile.
-// The group's tile: row b, slots slot0 .. slot0 + rows - 1 (rows <= 0: no tile).
+// Query tiles come in groups g = (b, r): the r-th tile from the end of row b, for every
+// head (end-aligned, as the dQ kernel's tiles). The group's tile: row b, slots
+// slot0 .. slot0 + rows - 1 (rows <= 0: row b has no r-th tile).
 __device__ __forceinline__ void plan_group_rows(const RoutedAttentionParams& p, int g, int rounds, int block_m, int& b,
                                                 int& slot0, int& rows) {
   b = g / rounds;
-  const int end = clamped_count(p.counts, b, p.seqlen_q) - (g % rounds) * block_m;
-  slot0 = max(0, end - block_m);
-  rows = end - slot0;
+  end_aligned_tile(clamped_count(p.counts, b, p.seqlen_q), g % rounds, block_m, slot0, rows);
 }
 
-__device__ __forceinline__ int plan_group(const RoutedAttentionParams& p, int g, int rounds, int block_m, int block_n,
-                                          int& b, int& slot0, int& rows) {
+// A group's key length in key tiles (the same for all heads); 0 if it has no tile.
+__device__ __forceinline__ int plan_group_len(const RoutedAttentionParams& p, int g, int rounds, int block_m,
+                                              int block_n) {
   const int T = p.seqlen_q;
+  int b, slot0, rows;
   plan_group_rows(p, g, rounds, block_m, b, slot0, rows);
   if (rows <= 0) return 0;
-  const int end = slot0 + rows;
   // Positions ascend, so the tile's last slot holds its latest position (clamped: a
   // malformed index must still give a bounded plan; the kernel re-derives its range).
-  const int t_last = min(max(p.index[static_cast<int64_t>(b) * T + end - 1], 0), T - 1);
+  const int t_last = min(max(p.index[static_cast<int64_t>(b) * T + slot0 + rows - 1], 0), T - 1);
   return (t_last + p.seqlen_k - T) / block_n + 1;
 }
 
+// Splits of a tile of len key tiles: splits of about split_len, at most max_splits, and
+// none empty (when the cap shortens the chunks, fewer chunks may cover len).
 __device__ __forceinline__ int plan_splits(int len, int split_len, int max_splits) {
   if (len <= split_len) return 1;
-  const int n = ceil_div(len, split_len);
-  return n < max_splits ? n : max_splits;
+  const int n = min(ceil_div(len, split_len), max_splits);
+  return ceil_div(len, ceil_div(len, n));
 }
 
 // The plan, made by one CTA of kPlanThreads threads.
@@ -146,20 +146,18 @@ __device__ void make_fwd_plan(const RoutedAttentionParams& p, const FwdPlanSizes
   __shared__ int s_partials, s_split_tiles;
   const FwdWorkspace ws(p.workspace, sizes, block_m);
   const int H = p.num_heads, rounds = ceil_div(p.seqlen_q, block_m);
-  const int n_groups = p.batch * rounds;
+  const int n_groups = sizes.groups;
 
   // Every group's key length once (it reads counts and index); the passes below read
   // it back from the workspace (written and read by this CTA only).
   long long work = 0;
   for (int g = threadIdx.x; g < n_groups; g += kPlanThreads) {
-    int b, slot0, rows;
-    const int len = plan_group(p, g, rounds, block_m, block_n, b, slot0, rows);
+    const int len = plan_group_len(p, g, rounds, block_m, block_n);
     ws.group_len[g] = len;
     work += len;
   }
-  long long total_work;
-  block_inclusive_sum<kPlanThreads>(work, total_work, s_scratch_ll);  // also orders the group_len writes
-  total_work *= H;
+  // The reduction's barrier also orders the group_len writes before the reads below.
+  const long long total_work = block_allreduce<kPlanThreads>(work, s_scratch_ll, OpSum{}) * H;
 
   // Split length: about two items per CTA slot; one per slot if that needs more partial
   // buffers than there are (it never does: then at most 2 W / L <= capacity).
@@ -229,9 +227,9 @@ __device__ void make_fwd_plan(const RoutedAttentionParams& p, const FwdPlanSizes
     const int first_partial = ns > 1 ? atomicAdd(&s_partials, ns) : -1;
     for (int s = 0; s < ns; ++s) {
       const int n_lo = s * chunk, n_hi = min(len, n_lo + chunk);
-      ws.items[first_item + s] = FwdWorkItem{b, h, slot0, rows, n_lo, n_hi, ns > 1 ? first_partial + s : -1, 0};
+      ws.items[first_item + s] = FwdWorkItem{b, h, slot0, rows, n_lo, n_hi, ns > 1 ? first_partial + s : -1};
     }
-    if (ns > 1) ws.split_tiles[atomicAdd(&s_split_tiles, 1)] = FwdSplitTile{b, h, slot0, rows, first_partial, ns, 0, 0};
+    if (ns > 1) ws.split_tiles[atomicAdd(&s_split_tiles, 1)] = FwdSplitTile{b, h, slot0, rows, first_partial, ns};
   }
   __syncthreads();
   if (threadIdx.x == 0) ws.header[1] = s_split_tiles;

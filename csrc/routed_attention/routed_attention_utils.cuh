@@ -35,10 +35,10 @@ __device__ __forceinline__ int clamped_count(const int32_t* counts, int b, int T
 // ------------------------------------------------------------------ block reductions
 
 // Sum / min / max over the block; every thread gets the result. `scratch` holds
-// kNThreads / 32 ints; the function synchronises before returning and may be called
+// kNThreads / 32 values; the function synchronises before returning and may be called
 // again right away.
-template <int kNThreads, class Op>
-__device__ __forceinline__ int block_allreduce(int v, int* scratch, Op op) {
+template <int kNThreads, typename V, class Op>
+__device__ __forceinline__ V block_allreduce(V v, V* scratch, Op op) {
   static_assert(kNThreads % 32 == 0, "whole warps");
   constexpr int kWarps = kNThreads / 32;
 #pragma unroll
@@ -54,13 +54,16 @@ __device__ __forceinline__ int block_allreduce(int v, int* scratch, Op op) {
 }
 
 struct OpSum {
-  __device__ __forceinline__ int operator()(int a, int b) const { return a + b; }
+  template <typename V>
+  __device__ __forceinline__ V operator()(V a, V b) const { return a + b; }
 };
 struct OpMin {
-  __device__ __forceinline__ int operator()(int a, int b) const { return min(a, b); }
+  template <typename V>
+  __device__ __forceinline__ V operator()(V a, V b) const { return min(a, b); }
 };
 struct OpMax {
-  __device__ __forceinline__ int operator()(int a, int b) const { return max(a, b); }
+  template <typename V>
+  __device__ __forceinline__ V operator()(V a, V b) const { return max(a, b); }
 };
 
 // ------------------------------------------------------------------ tile scheduler
@@ -76,6 +79,14 @@ struct OpMax {
 // most keys start first. The numbering depends on counts, read here on the
 // device by every CTA: a grid sized for the host-known maximum (ceil(T / kBlockM) tiles
 // per (b, h)) has its real tiles in its first CTAs and the others exit at once.
+
+// The round-th tile from the end of a row of `count` routed slots (round 0: the last
+// tile): slots slot0 .. slot0 + rows - 1, rows <= 0 when the row has no such tile.
+__device__ __forceinline__ void end_aligned_tile(int count, int round, int block_m, int& slot0, int& rows) {
+  const int end = count - round * block_m;
+  slot0 = max(0, end - block_m);
+  rows = end - slot0;
+}
 
 struct QueryTile {
   int b = 0, h = 0;
@@ -112,9 +123,7 @@ __device__ int locate_query_tile(const RoutedAttentionParams& p, int block_m, in
     const int round = local / p.num_heads;  // 0: the row's last tile
     tile.b = b;
     tile.h = local % p.num_heads;
-    const int end = count - round * block_m;
-    tile.slot0 = max(0, end - block_m);
-    tile.rows = end - tile.slot0;
+    end_aligned_tile(count, round, block_m, tile.slot0, tile.rows);
   }
   __syncthreads();  // found[] is reused by the next call
   return base;
