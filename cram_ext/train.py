@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--explore", type=float, default=0.02)
     m.add_argument("--tol", type=float, default=0.3)
     m.add_argument("--router-bias-init", type=float, default=3.0)
+    m.add_argument("--router-lr-scale", type=float, default=1.0,
+                   help="the router's learning rate relative to --lr")
     m.add_argument("--router-warmup", type=int, default=1000,
                    help="steps with the router frozen (everything routed) while attention learns to retrieve")
     t = p.add_argument_group("task")
@@ -285,7 +287,11 @@ def run(args: argparse.Namespace) -> dict:
         **task.model_config(),
     )
     model = CRAMModel(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    router = {id(p) for m in model.routed_attention_layers() for p in (m.router_weight, m.router_bias)}
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in model.parameters() if id(p) not in router], "lr_scale": 1.0},
+         {"params": [p for p in model.parameters() if id(p) in router], "lr_scale": args.router_lr_scale}],
+        lr=args.lr, weight_decay=args.weight_decay)
     eval_batch = task.batch(args.eval_examples, EVAL_SEED + args.seed, device)
 
     metrics_path, ckpt_path = out / "metrics.jsonl", out / "checkpoint.pt"
@@ -327,7 +333,7 @@ def run(args: argparse.Namespace) -> dict:
                 log.write(json.dumps(record) + "\n")
                 break
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args)
+                group["lr"] = lr_at(step, args) * group["lr_scale"]
             set_router_trainable(model, step >= args.router_warmup)
             batch = task.batch(args.batch_size, args.seed * 1_000_003 + step, device)
             with autocast(device):
