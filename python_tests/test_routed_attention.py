@@ -105,6 +105,7 @@ def check_against_reference(q, k, v, index, counts, tol, softmax_scale=None, com
 
     # grad_out is random at every row: the rows that were not routed must ignore it.
     grad_out = torch.randn_like(out_ref).to(q.dtype)
+    poison_allocator(q.device.type)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     ref_grads = torch.autograd.grad(out_ref, (qr, kr, vr), grad_out.to(ref_dtype))
     # A query that sees a single key (t + S - T == 0) has a constant softmax: the exact

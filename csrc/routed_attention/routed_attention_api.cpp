@@ -131,8 +131,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cuda(
   const at::Tensor grad_out = cuda_compute(grad_out_in), out = cuda_compute(out_in);
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor index = index_in.contiguous(), counts = counts_in.contiguous();
-  // grad_q: only routed rows are written. grad_k, grad_v: every row is written.
-  at::Tensor grad_q = at::zeros(q.sizes(), q.options());
+  // Every row of the three is written (grad_q: zeros where not routed).
+  at::Tensor grad_q = at::empty(q.sizes(), q.options());
   at::Tensor grad_k = at::empty(k.sizes(), k.options());
   at::Tensor grad_v = at::empty(v.sizes(), v.options());
   RoutedAttentionParams p = cuda_params(q, k, v, index, counts, softmax_scale);

@@ -32,9 +32,16 @@ struct BwdWorkspace {
 
 // ------------------------------------------------------------------ preprocess
 
+// Blocks from row_blocks on write zeros to the rows of grad_q that are not routed (the dQ
+// kernel writes the routed ones).
 template <int kHeadDim, class Element>
 __global__ void __launch_bounds__(256)
-    routed_attention_bwd_preprocess_kernel(const __grid_constant__ RoutedAttentionParams p) {
+    routed_attention_bwd_preprocess_kernel(const __grid_constant__ RoutedAttentionParams p, int row_blocks) {
+  if (static_cast<int>(blockIdx.x) >= row_blocks) {
+    fill_unrouted_rows<256>(p, p.grad_q, p.num_heads * kHeadDim * static_cast<int>(sizeof(Element)), nullptr,
+                            blockIdx.x - row_blocks, gridDim.x - row_blocks);
+    return;
+  }
   constexpr int kThreadsPerRow = kHeadDim / 8;  // 16 bytes each
   constexpr int kRowsPerBlock = 256 / kThreadsPerRow;
   static_assert(kThreadsPerRow <= 32 && 32 % kThreadsPerRow == 0);

@@ -2,7 +2,9 @@
 // included by the per-instantiation .cu files only.
 #pragma once
 
+#include <algorithm>
 #include <climits>
+#include <stdexcept>
 
 #include "routed_attention/routed_attention_bwd_kernel.cuh"
 #include "routed_attention/routed_attention_launch.h"
@@ -16,12 +18,21 @@ void run_routed_attention_bwd(const RoutedAttentionParams& p, cudaStream_t strea
   const int64_t key_tiles_total = static_cast<int64_t>(p.batch) * p.num_kv_heads;
   if (rows == 0 && (key_tiles_total == 0 || p.seqlen_k == 0)) return;
 
-  // 1. delta = rowsum(dO * O) and lse * log2(e), compacted by slot.
+  // 1. delta = rowsum(dO * O) and lse * log2(e), compacted by slot; zeros in the rows of
+  // grad_q not routed, which it fills as one flat buffer.
   if (rows > 0) {
+    if (p.dq_head_stride != kHeadDim || p.dq_row_stride != int64_t{p.num_heads} * kHeadDim ||
+        p.dq_batch_stride != int64_t{p.seqlen_q} * p.num_heads * kHeadDim) {
+      throw std::invalid_argument("routed_attention_backward: grad_q must be a contiguous (B, T, H, D) tensor");
+    }
     constexpr int kRowsPerBlock = 256 / (kHeadDim / 8);
-    const int64_t grid = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-    if (grid > INT_MAX) throw std::runtime_error("routed_attention_backward: too many rows for one launch");
-    routed_attention_bwd_preprocess_kernel<kHeadDim, Element><<<static_cast<unsigned>(grid), 256, 0, stream>>>(p);
+    const int64_t row_blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+    const int64_t fill_blocks = std::min<int64_t>(fill_units(p), 4 * p.num_sms);
+    if (row_blocks + fill_blocks > INT_MAX) {
+      throw std::runtime_error("routed_attention_backward: too many rows for one launch");
+    }
+    routed_attention_bwd_preprocess_kernel<kHeadDim, Element>
+        <<<static_cast<unsigned>(row_blocks + fill_blocks), 256, 0, stream>>>(p, static_cast<int>(row_blocks));
     CRAM_CUDA_CHECK(cudaGetLastError());
   }
 

@@ -24,12 +24,11 @@ void run_routed_attention_fwd(const RoutedAttentionParams& p, cudaStream_t strea
   }
   if (sizes.max_items > INT_MAX) throw std::runtime_error("routed_attention: too many query tiles for one launch");
 
-  // Block 0 plans, the others fill out and lse (one 16-byte store a thread per pass).
-  const int64_t out_bytes = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_heads * kHeadDim * sizeof(Element);
-  const int64_t fill_blocks =
-      std::max<int64_t>(1, std::min<int64_t>((out_bytes / 16 + kPlanThreads - 1) / kPlanThreads, 2 * p.num_sms));
+  // Block 0 plans, the others fill the rows not routed.
+  const int row_bytes = p.num_heads * kHeadDim * static_cast<int>(sizeof(Element));
+  const int64_t fill_blocks = std::max<int64_t>(1, std::min<int64_t>(fill_units(p), 2 * p.num_sms));
   routed_attention_fwd_prologue_kernel<Traits::kBlockM, Traits::kBlockN>
-      <<<static_cast<unsigned>(1 + fill_blocks), kPlanThreads, 0, stream>>>(p, sizes, out_bytes);
+      <<<static_cast<unsigned>(1 + fill_blocks), kPlanThreads, 0, stream>>>(p, sizes, row_bytes);
   CRAM_CUDA_CHECK(cudaGetLastError());
   auto kernel = routed_attention_fwd_kernel<Traits>;
   set_max_dynamic_smem(kernel, Traits::kSmemBytes);

@@ -43,8 +43,8 @@ struct RoutedAttentionParams {
   float softmax_scale = 0.f;
   float scale_log2 = 0.f;  // softmax_scale * log2(e)
 
-  // Backward. grad_q must arrive zero-filled (only routed rows are written); every
-  // row of grad_k and grad_v is written.
+  // Backward. grad_q is contiguous; every row of grad_q (zeros where not routed),
+  // grad_k and grad_v is written.
   const void* grad_out = nullptr;
   void* grad_q = nullptr;
   void* grad_k = nullptr;

@@ -137,6 +137,68 @@ __device__ __forceinline__ int routed_position(const RoutedAttentionParams& p, i
   return (t >= 0 && t < p.seqlen_q) ? t : -1;
 }
 
+// ------------------------------------------------------------------ rows not routed
+
+constexpr int kFillUnitRows = 32;  // positions of one batch row a fill unit covers (one warp's ballot)
+
+// Fill units of a (B, T, ...) tensor: kFillUnitRows consecutive positions of one batch row.
+__host__ __device__ inline int64_t fill_units(const RoutedAttentionParams& p) {
+  return static_cast<int64_t>(p.batch) * ceil_div(p.seqlen_q, kFillUnitRows);
+}
+
+// Whether position t of row b is among index[b, :count] (a binary search: in bounds and
+// bounded in steps whatever index holds; on an unsorted index it may miss a routed t,
+// which then gets filled and later overwritten, never the reverse, as a hit means t is there).
+__device__ __forceinline__ bool is_routed(const RoutedAttentionParams& p, int b, int count, int t) {
+  const int32_t* row = p.index + static_cast<int64_t>(b) * p.seqlen_q;
+  int lo = 0, hi = count;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (row[mid] < t) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo < count && row[lo] == t;
+}
+
+// Writes the values of the rows that are not routed, units first_unit, first_unit +
+// unit_stride, ... (fill_units): zeros in `rows`, a contiguous (B, T, row_bytes) tensor,
+// and -inf in lse (B, H, T) when lse is given. Routed rows are left alone, so at density
+// 1 nothing is written, and the kernels that write routed rows need not run after this.
+template <int kThreads>
+__device__ void fill_unrouted_rows(const RoutedAttentionParams& p, void* rows, int row_bytes, float* lse,
+                                   int64_t first_unit, int64_t unit_stride) {
+  static_assert(kThreads >= 32 && kThreads % 32 == 0, "whole warps");
+  __shared__ unsigned s_routed;
+  const int T = p.seqlen_q, units_per_row = ceil_div(T, kFillUnitRows);
+  const int row_vecs = row_bytes / 16;
+  for (int64_t u = first_unit; u < fill_units(p); u += unit_stride) {
+    const int b = static_cast<int>(u / units_per_row), t0 = static_cast<int>(u % units_per_row) * kFillUnitRows;
+    const int n = min(kFillUnitRows, T - t0);
+    if (threadIdx.x < 32) {
+      const int t = t0 + threadIdx.x;
+      const bool routed = threadIdx.x < n && is_routed(p, b, clamped_count(p.counts, b, T), t);
+      const unsigned mask = __ballot_sync(0xffffffffu, routed);
+      if (threadIdx.x == 0) s_routed = mask;
+    }
+    __syncthreads();
+    const unsigned routed = s_routed;
+    uint4* out = static_cast<uint4*>(rows) + (static_cast<int64_t>(b) * T + t0) * row_vecs;
+    for (int i = threadIdx.x; i < n * row_vecs; i += kThreads) {
+      if (!((routed >> (i / row_vecs)) & 1u)) out[i] = make_uint4(0u, 0u, 0u, 0u);
+    }
+    if (lse != nullptr) {
+      for (int i = threadIdx.x; i < p.num_heads * kFillUnitRows; i += kThreads) {
+        const int h = i / kFillUnitRows, r = i % kFillUnitRows;
+        if (r < n && !((routed >> r) & 1u)) lse[(static_cast<int64_t>(b) * p.num_heads + h) * T + t0 + r] = -INFINITY;
+      }
+    }
+    __syncthreads();  // s_routed is rewritten by the next unit
+  }
+}
+
 // ------------------------------------------------------------------ cp.async
 
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool pred) {
