@@ -56,6 +56,24 @@ def test_routing_breakdown(tmp_path):
     assert all(0.0 <= b[k]["routed_fraction"] <= 1.0 for k in kinds)
 
 
+def test_router_lr_scale(tmp_path):
+    """--router-lr-scale scales the router's learning rate: at 0 the router's parameters keep
+    their initial values past the warm-up; at 1 they train."""
+    def run(scale, out):
+        train.run(train.build_parser().parse_args(
+            TINY + ["--steps", "12", "--eval-every", "12", "--router-warmup", "2", "--no-transfer",
+                    "--router-lr-scale", scale, "--out", str(tmp_path / out)]))
+        return torch.load(tmp_path / out / "checkpoint.pt", weights_only=False)["model"]
+
+    frozen, trained = run("0", "frozen"), run("1", "trained")
+    router = [k for k in frozen if k.endswith(("router_weight", "router_bias"))]
+    assert router
+    init_bias = train.build_parser().parse_args([]).router_bias_init
+    for k in router:
+        assert torch.equal(frozen[k], torch.full_like(frozen[k], init_bias if k.endswith("bias") else 0.0)), k
+        assert not torch.equal(trained[k], frozen[k]), f"{k} did not train at scale 1"
+
+
 def test_resume_is_exact(tmp_path):
     """20 steps, stop, resume to 40: the same weights and the same logged losses as 40 steps
     in one go."""

@@ -137,7 +137,7 @@ class RoutedAttention(nn.Module):
             if q.dtype == torch.float32:
                 q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
             padded = 64 if D <= 64 else 128
-            if D != padded and D < 128:
+            if D < padded:
                 q, k, v = (torch.nn.functional.pad(t, (0, padded - D)) for t in (q, k, v))
         attn, _ = routed_attention(q, k, v, r.index, r.counts, D**-0.5)
         return attn[..., :D].flatten(2).to(out_dtype)

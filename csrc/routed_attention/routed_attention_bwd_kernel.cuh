@@ -372,21 +372,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int j0 = n_block * kBlockN;
   const int count = clamped_count(p.counts, b, T);
 
-  // First slot whose position sees key j0 (index[b, :count] is increasing).
-  int i0 = 0;
-  {
-    int lo = 0, hi = count;
-    const int32_t* idx = p.index + static_cast<int64_t>(b) * T;
-    while (lo < hi) {
-      const int mid = (lo + hi) / 2;
-      if (static_cast<int64_t>(idx[mid]) + shift >= j0) {
-        hi = mid;
-      } else {
-        lo = mid + 1;
-      }
-    }
-    i0 = lo;
-  }
+  // First slot whose position sees key j0: index[b, i] + shift >= j0.
+  const int i0 = lower_bound_slot(p, b, count, j0 - shift);
   const int n_chunks = ceil_div(count - i0, kBlockM);  // >= 0
   const int n_jobs = n_chunks * group;
 

@@ -19,10 +19,9 @@ void run_routed_attention_bwd(const RoutedAttentionParams& p, cudaStream_t strea
   if (rows == 0 && (key_tiles_total == 0 || p.seqlen_k == 0)) return;
 
   // 1. delta = rowsum(dO * O) and lse * log2(e), compacted by slot; zeros in the rows of
-  // grad_q not routed, which it fills as one flat buffer.
+  // grad_q not routed.
   if (rows > 0) {
-    if (p.dq_head_stride != kHeadDim || p.dq_row_stride != int64_t{p.num_heads} * kHeadDim ||
-        p.dq_batch_stride != int64_t{p.seqlen_q} * p.num_heads * kHeadDim) {
+    if (!is_contiguous_bthd(p, kHeadDim, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride)) {
       throw std::invalid_argument("routed_attention_backward: grad_q must be a contiguous (B, T, H, D) tensor");
     }
     constexpr int kRowsPerBlock = 256 / (kHeadDim / 8);

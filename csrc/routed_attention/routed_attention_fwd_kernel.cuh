@@ -7,7 +7,7 @@
 // Keys run over tiles 0 .. (t_max + S - T) / kBlockN; the causal mask j <= t_i + (S - T)
 // is applied only on key tiles past t_min + (S - T). Output rows are scattered back to
 // out[b, t_i, h, :] and lse[b, h, t_i]; rows that are not routed are never touched (the
-// prologue kernel of the plan fills out = 0 and lse = -inf first).
+// plan's prologue kernel fills them with 0 and -inf).
 #pragma once
 
 #include <cfloat>

@@ -17,9 +17,7 @@ void run_routed_attention_fwd(const RoutedAttentionParams& p, cudaStream_t strea
   using Traits = FwdTraits<kHeadDim, Config::kBlockM, Config::kBlockN, Config::kNWarps, Element>;
   const FwdPlanSizes sizes = fwd_plan_sizes(p, Traits::kBlockM, Traits::kBlockN);
   if (sizes.max_items == 0) return;
-  // The prologue fills out as one flat buffer (routed_attention_params.h).
-  if (p.out_head_stride != kHeadDim || p.out_row_stride != int64_t{p.num_heads} * kHeadDim ||
-      p.out_batch_stride != int64_t{p.seqlen_q} * p.num_heads * kHeadDim) {
+  if (!is_contiguous_bthd(p, kHeadDim, p.out_batch_stride, p.out_row_stride, p.out_head_stride)) {
     throw std::invalid_argument("routed_attention: out must be a contiguous (B, T, H, D) tensor");
   }
   if (sizes.max_items > INT_MAX) throw std::runtime_error("routed_attention: too many query tiles for one launch");

@@ -146,21 +146,29 @@ __host__ __device__ inline int64_t fill_units(const RoutedAttentionParams& p) {
   return static_cast<int64_t>(p.batch) * ceil_div(p.seqlen_q, kFillUnitRows);
 }
 
-// Whether position t of row b is among index[b, :count] (a binary search: in bounds and
-// bounded in steps whatever index holds; on an unsorted index it may miss a routed t,
-// which then gets filled and later overwritten, never the reverse, as a hit means t is there).
-__device__ __forceinline__ bool is_routed(const RoutedAttentionParams& p, int b, int count, int t) {
+// The first slot i of index[b, :count] with index[b, i] >= value, count if none (a
+// binary search on the increasing positions; on a malformed index it stays in bounds and
+// takes log2(count) steps, the answer then being some slot).
+__device__ __forceinline__ int lower_bound_slot(const RoutedAttentionParams& p, int b, int count, int value) {
   const int32_t* row = p.index + static_cast<int64_t>(b) * p.seqlen_q;
   int lo = 0, hi = count;
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
-    if (row[mid] < t) {
+    if (row[mid] < value) {
       lo = mid + 1;
     } else {
       hi = mid;
     }
   }
-  return lo < count && row[lo] == t;
+  return lo;
+}
+
+// Whether position t of row b is among index[b, :count]. On an unsorted index it may
+// miss a routed t, which then gets filled and later overwritten, never the reverse: a
+// hit means t is there.
+__device__ __forceinline__ bool is_routed(const RoutedAttentionParams& p, int b, int count, int t) {
+  const int i = lower_bound_slot(p, b, count, t);
+  return i < count && p.index[static_cast<int64_t>(b) * p.seqlen_q + i] == t;
 }
 
 // Writes the values of the rows that are not routed, units first_unit, first_unit +
