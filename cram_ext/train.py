@@ -241,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--d-model", type=int, default=64)
     m.add_argument("--layers", type=int, default=1)
     m.add_argument("--heads", type=int, default=4)
-    m.add_argument("--threshold", type=float, default=0.5)
+    m.add_argument("--threshold", type=float, default=0.3,
+                   help="a token is routed when the router's probability exceeds this; below 0.5, a "
+                        "token the router is unsure of still goes to attention")
     m.add_argument("--explore", type=float, default=0.02)
     m.add_argument("--tol", type=float, default=0.3)
     m.add_argument("--router-bias-init", type=float, default=3.0)

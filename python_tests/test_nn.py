@@ -26,6 +26,11 @@ def _dense_reference(layer: RoutedAttention, x: torch.Tensor) -> torch.Tensor:
     return layer.out_proj(attn.transpose(1, 2).flatten(2))
 
 
+def _z(x: torch.Tensor) -> torch.Tensor:
+    """What the router and the semantic MLP read: the input, normalised, no affine."""
+    return F.layer_norm(x, (x.shape[-1],))
+
+
 def _tol(device):
     """On CUDA a float32 layer attends in bfloat16 (the kernels' dtypes)."""
     return {"rtol": 1e-4, "atol": 1e-5} if device == "cpu" else {"rtol": 2e-2, "atol": 2e-2}
@@ -75,7 +80,7 @@ def test_unrouted_tokens_take_the_semantic_memory(device):
     x = torch.randn(2, 19, e, device=device)
     with torch.no_grad():
         y = layer(x)
-        ref = layer.out_proj(layer.semantic(layer.norm(x)))
+        ref = layer.out_proj(layer.semantic(_z(x)))
     assert float(layer.last_stats["utilization"]) == 0.0
     torch.testing.assert_close(y, ref)
 
@@ -90,10 +95,10 @@ def test_mixed_routing_matches_per_token_choice(device):
     x = torch.randn(3, 29, e, device=device)
     with torch.no_grad():
         y = layer(x)
-        prob = torch.sigmoid(layer.norm(x) @ layer.router_weight + layer.router_bias)
+        prob = torch.sigmoid(_z(x) @ layer.router_weight + layer.router_bias)
         routed = (prob > layer.threshold).unsqueeze(-1)
         dense = _dense_reference(layer, x)
-        semantic = layer.out_proj(layer.semantic(layer.norm(x)))
+        semantic = layer.out_proj(layer.semantic(_z(x)))
     u = float(layer.last_stats["utilization"])
     assert 0.0 < u < 1.0
     assert u == pytest.approx(routed.float().mean().item())
@@ -116,6 +121,25 @@ def test_training_losses_reach_every_parameter(device):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_router_and_semantic_losses_train_only_themselves(device):
+    """The consolidation and router losses reach the router and the semantic MLP, and
+    neither the layer's input nor attention's projections (they read a stop-gradient)."""
+    layer, e = _layer(device)
+    with torch.no_grad():
+        layer.router_weight.normal_(std=0.5)
+        layer.router_bias.fill_(0.2)
+    layer.train()
+    x = torch.randn(2, 33, e, device=device, requires_grad=True)
+    layer(x)
+    untouched = [x, layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight, layer.out_proj.weight]
+    trained = [layer.router_weight, layer.router_bias, *layer.semantic.parameters()]
+    grads = torch.autograd.grad(aux_losses(layer), untouched + trained, allow_unused=True)
+    assert all(g is None for g in grads[: len(untouched)])
+    for g in grads[len(untouched):]:
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
