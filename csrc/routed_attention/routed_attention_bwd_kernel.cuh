@@ -22,11 +22,16 @@ namespace ra {
 struct BwdWorkspace {
   float* lse_log2;
   float* delta;
+  float* dq_accum;  // (B, H, T rounded up to 64, D) by slot: the fused dQ path's sums
   __host__ __device__ BwdWorkspace(void* base, int batch, int heads, int seqlen_q)
       : lse_log2(static_cast<float*>(base)),
-        delta(static_cast<float*>(base) + static_cast<int64_t>(batch) * heads * seqlen_q) {}
-  static size_t bytes(int batch, int heads, int seqlen_q) {
-    return 2 * static_cast<size_t>(batch) * heads * seqlen_q * sizeof(float);
+        delta(static_cast<float*>(base) + static_cast<int64_t>(batch) * heads * seqlen_q),
+        dq_accum(static_cast<float*>(base) + 2 * static_cast<int64_t>(batch) * heads * seqlen_q) {}
+  __host__ __device__ static int padded_slots(int seqlen_q) { return (seqlen_q + 63) / 64 * 64; }
+  static size_t bytes(int batch, int heads, int seqlen_q, int head_dim) {
+    return (2 * static_cast<size_t>(batch) * heads * seqlen_q +
+            static_cast<size_t>(batch) * heads * padded_slots(seqlen_q) * head_dim) *
+           sizeof(float);
   }
 };
 
@@ -74,6 +79,13 @@ __global__ void __launch_bounds__(256)
   }
 #pragma unroll
   for (int o = kThreadsPerRow / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (has_slot) {  // the fused dQ path adds into these rows
+    const BwdWorkspace ws(p.workspace, p.batch, H, T);
+    float4* z = reinterpret_cast<float4*>(
+        ws.dq_accum + ((static_cast<int64_t>(b) * H + h) * BwdWorkspace::padded_slots(T) + slot) * kHeadDim + lane * 8);
+    z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+    z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
   if (lane == 0 && has_slot) {
     const BwdWorkspace ws(p.workspace, p.batch, H, T);
     const int64_t bh = static_cast<int64_t>(b) * H + h;
@@ -326,6 +338,10 @@ struct DkvTraits {
   using SmemLayoutPdSt =
       decltype(composition(SmemLayoutPdS{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{}, GenRowMajor{})));
   using SmemLayoutPdStNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutPdSt{}));
+  // K seen as (D, kBlockN): the B operand of dQ = dS K (the fused dQ path).
+  using SmemLayoutKt =
+      decltype(composition(SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
+  using SmemLayoutKtNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutKt{}));
 
   using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Element>;
   using SmemCopyAtomT = Copy_Atom<SM75_U16x8_LDSM_T, Element>;
@@ -337,6 +353,8 @@ struct DkvTraits {
   // K, V, two stages of Q and dO, P, dS.
   static constexpr int kSmemBytes =
       (2 * kSmemKVElems + 4 * kSmemQElems + 2 * kSmemPElems) * int(sizeof(Element));
+  // The fused dQ path adds a float (kBlockM, kHeadDim) staging tile for the bulk reduction.
+  static constexpr int kSmemDqBytes = kBlockM * kHeadDim * int(sizeof(float));
 };
 
 template <int kHeadDim>
@@ -348,7 +366,10 @@ struct DkvConfig {
   static constexpr int kAtomNdKV = 4;
 };
 
-template <class Traits>
+// kFusedDq: also dQ = dS K for every job, staged in shared memory and added to the
+// workspace's slot-ordered float accumulator with one bulk reduction a job (sm_90
+// cp.reduce.async.bulk), instead of the dQ kernel that recomputes S and dP.
+template <class Traits, bool kFusedDq>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     routed_attention_bwd_dkdv_kernel(const __grid_constant__ RoutedAttentionParams p) {
   using Element = typename Traits::Element;
@@ -386,6 +407,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Element* smem_do = smem_q + 2 * Traits::kSmemQElems;   // 2 stages
   Element* smem_p = smem_do + 2 * Traits::kSmemQElems;
   Element* smem_ds = smem_p + Traits::kSmemPElems;
+  float* smem_dq = reinterpret_cast<float*>(smem_ds + Traits::kSmemPElems);  // kFusedDq only
   Tensor sK = make_tensor(make_smem_ptr(smem_k), typename Traits::SmemLayoutKV{});
   Tensor sV = make_tensor(make_smem_ptr(smem_v), typename Traits::SmemLayoutKV{});
   Tensor sP = make_tensor(make_smem_ptr(smem_p), typename Traits::SmemLayoutPdS{});
@@ -469,6 +491,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   auto thr_copy_pds = copy_pds.get_thread_slice(tid);
   Tensor tPsP = thr_copy_pds.partition_D(sP);
   Tensor tdSsdS = thr_copy_pds.partition_D(sdS);
+  // dQ = dS K: A from sdS, B = K^T through transposing loads.
+  Tensor sKtNoSwizzle = make_tensor(make_smem_ptr(smem_k), typename Traits::SmemLayoutKtNoSwizzle{});
+  Tensor sKt = make_tensor(make_smem_ptr(smem_k), typename Traits::SmemLayoutKt{});
+  Tensor tdQrdS = thr_sdp.partition_fragment_A(sdS);
+  Tensor tdQrKt = thr_sdp.partition_fragment_B(sKtNoSwizzle);
+  auto copy_dq_B = make_tiled_copy_B(typename Traits::SmemCopyAtomT{}, mma_sdp);
+  auto thr_copy_dq_B = copy_dq_B.get_thread_slice(tid);
+  Tensor tdQsKt = thr_copy_dq_B.partition_S(sKt);
+  Tensor tdQsdS = thr_copy_sdp_A.partition_S(sdS);
+  Tensor tdQcdQ = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  const int dq_slots = BwdWorkspace::padded_slots(T);
 
   Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor tScS = thr_sdp.partition_C(cS);
@@ -531,10 +564,34 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     cute::copy(copy_pds, thr_copy_pds.retile_S(rdS), tdSsdS);
     __syncthreads();  // P, dS complete
 
+    if constexpr (kFusedDq) {
+      Tensor acc_dq = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+      clear(acc_dq);
+      gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma_sdp, copy_sdp_A, copy_dq_B, thr_copy_sdp_A, thr_copy_dq_B);
+      if (tid == 0) bulk_wait_read_all();  // the previous job's reduction has read the staging tile
+      __syncthreads();
+#pragma unroll
+      for (int e = 0; e < decltype(size(acc_dq))::value; e += 2) {
+        const int r = get<0>(tdQcdQ(e)), d = get<1>(tdQcdQ(e));  // elements e, e + 1: columns d, d + 1
+        *reinterpret_cast<float2*>(smem_dq + r * kHeadDim + d) = make_float2(acc_dq(e), acc_dq(e + 1));
+      }
+      fence_proxy_async_shared();
+      __syncthreads();
+      if (tid == 0) {
+        const int h = kv_head * group + jb / n_chunks;
+        const int m0 = i0 + (jb % n_chunks) * kBlockM;  // + kBlockM <= dq_slots
+        float* dst = ws.dq_accum + ((static_cast<int64_t>(b) * H + h) * dq_slots + m0) * kHeadDim;
+        bulk_reduce_add_f32(dst, smem_dq, Traits::kSmemDqBytes);
+      }
+    }
+
     gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, thr_copy_dkv_B.partition_S(sdOt), mma_dkv, copy_dkv_A, copy_dkv_B,
             thr_copy_dkv_A, thr_copy_dkv_B);
     gemm_ss(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, thr_copy_dkv_B.partition_S(sQt), mma_dkv, copy_dkv_A, copy_dkv_B,
             thr_copy_dkv_A, thr_copy_dkv_B);
+  }
+  if constexpr (kFusedDq) {
+    if (tid == 0) bulk_wait_read_all();  // shared memory must outlive the last reduction's read
   }
 
   // ---- epilogue: dK * scale and dV through smem (the K / V buffers) to every key row.
@@ -559,6 +616,40 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     const int j = j0 + r;
     return j < S ? dv_ptr + static_cast<int64_t>(j) * p.dv_row_stride : nullptr;
   });
+}
+
+// grad_q[b, t, h] = dq_accum[b, h, slot] * softmax_scale at the routed rows (the fused
+// dQ path; the preprocess kernel zeroes the others). One thread per 4 elements.
+template <int kHeadDim, class Element>
+__global__ void __launch_bounds__(256)
+    routed_attention_bwd_convert_dq_kernel(const __grid_constant__ RoutedAttentionParams p) {
+  constexpr int kVec = kHeadDim / 4;
+  const int H = p.num_heads, T = p.seqlen_q;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t total = static_cast<int64_t>(p.batch) * H * T * kVec;
+  if (i >= total) return;
+  const int v = static_cast<int>(i % kVec);
+  const int64_t row = i / kVec;  // (b, h, slot)
+  const int slot = static_cast<int>(row % T);
+  const int h = static_cast<int>((row / T) % H);
+  const int b = static_cast<int>(row / (static_cast<int64_t>(T) * H));
+  const int count = clamped_count(p.counts, b, T);
+  if (slot >= count) return;
+  const int t = routed_position(p, b, slot, count);
+  if (t < 0) return;
+  const BwdWorkspace ws(p.workspace, p.batch, H, T);
+  const float4 a = *reinterpret_cast<const float4*>(
+      ws.dq_accum + ((static_cast<int64_t>(b) * H + h) * BwdWorkspace::padded_slots(T) + slot) * kHeadDim + 4 * v);
+  cutlass::Array<float, 4> in;
+  in[0] = a.x * p.softmax_scale;
+  in[1] = a.y * p.softmax_scale;
+  in[2] = a.z * p.softmax_scale;
+  in[3] = a.w * p.softmax_scale;
+  cutlass::NumericArrayConverter<Element, float, 4, cutlass::FloatRoundStyle::round_to_nearest> conv;
+  const cutlass::Array<Element, 4> o = conv(in);
+  Element* dq = static_cast<Element*>(p.grad_q) + b * p.dq_batch_stride + static_cast<int64_t>(t) * p.dq_row_stride +
+                h * p.dq_head_stride + 4 * v;
+  *reinterpret_cast<uint2*>(dq) = *reinterpret_cast<const uint2*>(&o);
 }
 
 }  // namespace ra

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <stdexcept>
 
 #include "routed_attention/routed_attention_bwd_kernel.cuh"
@@ -17,6 +18,8 @@ void run_routed_attention_bwd(const RoutedAttentionParams& p, cudaStream_t strea
   const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_heads;
   const int64_t key_tiles_total = static_cast<int64_t>(p.batch) * p.num_kv_heads;
   if (rows == 0 && (key_tiles_total == 0 || p.seqlen_k == 0)) return;
+  // Prototype switch (branch fused-dq-bulk): dQ inside the dK/dV kernel.
+  const bool fused_dq = std::getenv("CRAM_FUSED_DQ") != nullptr;
 
   // 1. delta = rowsum(dO * O) and lse * log2(e), compacted by slot; zeros in the rows of
   // grad_q not routed.
@@ -42,11 +45,27 @@ void run_routed_attention_bwd(const RoutedAttentionParams& p, cudaStream_t strea
     const int64_t grid = key_tiles_total * ceil_div(p.seqlen_k, Traits::kBlockN);
     if (grid > INT_MAX) throw std::runtime_error("routed_attention_backward: too many key tiles for one launch");
     if (grid > 0) {
-      auto kernel = routed_attention_bwd_dkdv_kernel<Traits>;
-      set_max_dynamic_smem(kernel, Traits::kSmemBytes);
-      kernel<<<static_cast<unsigned>(grid), Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
+      if (fused_dq) {
+        auto kernel = routed_attention_bwd_dkdv_kernel<Traits, true>;
+        constexpr int kBytes = Traits::kSmemBytes + Traits::kSmemDqBytes;
+        set_max_dynamic_smem(kernel, kBytes);
+        kernel<<<static_cast<unsigned>(grid), Traits::kNThreads, kBytes, stream>>>(p);
+      } else {
+        auto kernel = routed_attention_bwd_dkdv_kernel<Traits, false>;
+        set_max_dynamic_smem(kernel, Traits::kSmemBytes);
+        kernel<<<static_cast<unsigned>(grid), Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
+      }
       CRAM_CUDA_CHECK(cudaGetLastError());
     }
+  }
+  if (fused_dq) {
+    if (rows > 0) {
+      const int64_t n = rows * (kHeadDim / 4);
+      routed_attention_bwd_convert_dq_kernel<kHeadDim, Element>
+          <<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(p);
+      CRAM_CUDA_CHECK(cudaGetLastError());
+    }
+    return;
   }
 
   // 3. dQ: routed query tiles (grid sized for the maximum; absent tiles exit at once).

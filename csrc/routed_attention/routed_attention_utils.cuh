@@ -217,6 +217,21 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
+// sm_90 bulk reduction: global[dst, dst + bytes) += shared[src, ...) as floats, done by the
+// TMA unit asynchronously (one thread issues it; bytes a multiple of 16, both 16-byte
+// aligned). Writes to shared memory by other threads must be made visible to the async
+// proxy first (fence_proxy_async_shared, then a barrier).
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, const float* src, int bytes) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(src));
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(s),
+               "r"(bytes)
+               : "memory");
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+// Waits until every bulk operation this thread issued has finished reading shared memory.
+__device__ __forceinline__ void bulk_wait_read_all() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   if constexpr (N == 0) {
