@@ -5,6 +5,7 @@
 
 Implementations (impl):
   cram            cram_ext.routed_attention on q (B,T,H,D), k/v (B,S,Hk,D) and a routing (index, counts)
+  cram_deterministic  the same with deterministic=True (forward+backward only; the forward is the same)
   sdpa_flash      F.scaled_dot_product_attention(is_causal=True) forced to SDPBackend.FLASH_ATTENTION
   sdpa_cudnn      ... forced to SDPBackend.CUDNN_ATTENTION
   sdpa_efficient  ... forced to SDPBackend.EFFICIENT_ATTENTION
@@ -49,9 +50,9 @@ SDPA_BACKENDS = {  # impl -> SDPBackend attribute name
     "sdpa_efficient": "EFFICIENT_ATTENTION",
     "sdpa_math": "MATH",
 }
-IMPLS = ["cram", "sdpa", *SDPA_BACKENDS, "flex_gathered"]
+IMPLS = ["cram", "cram_deterministic", "sdpa", *SDPA_BACKENDS, "flex_gathered"]
 DEFAULT_IMPLS = {
-    "cuda": ["cram", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex_gathered"],
+    "cuda": ["cram", "cram_deterministic", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex_gathered"],
     "cpu": ["cram", "sdpa"],
 }
 
@@ -355,6 +356,14 @@ def run_shape(shape, dtype, densities, passes, impls, env, runner: Runner, check
                         o, _ = cram_ext.routed_attention(q_, k_, v_, index, counts)
                         return torch.autograd.grad(o, (q_, k_, v_), grad_out)
                 runner.time("cram", pass_, f"rho={density}", fn, rec("cram", pass_, density, flops))
+
+        if "cram_deterministic" in impls and runner.enabled("cram_deterministic") and "fwd_bwd" in passes:
+            def fn():
+                q_, k_, v_ = (x.detach().requires_grad_() for x in (q, k, v))
+                o, _ = cram_ext.routed_attention(q_, k_, v_, index, counts, deterministic=True)
+                return torch.autograd.grad(o, (q_, k_, v_), grad_out)
+            runner.time("cram_deterministic", "fwd_bwd", f"rho={density}", fn,
+                        rec("cram_deterministic", "fwd_bwd", density, flops))
 
         if "flex_gathered" in impls and runner.enabled("flex_gathered"):
             try:

@@ -81,6 +81,7 @@ def attention_table(records: list[dict]) -> str | None:
     dense = {(json.dumps(r["shape"]), r["dtype"], r["pass"], r["impl"]): r
              for r in records if r["bench"] == "routed_attention" and r["density"] is None}
     flex = {key(r): r for r in records if r["impl"] == "flex_gathered"}
+    deterministic = {key(r): r for r in records if r["impl"] == "cram_deterministic"}
     dense_impls = sorted({i for *_, i in dense})
     rows = []
     for r in cram:
@@ -92,9 +93,11 @@ def attention_table(records: list[dict]) -> str | None:
             row.append(f"{r['ms'] / base['ms']:.3f}" if base else "–")
         base = flex.get(key(r))
         row.append(f"{r['ms'] / base['ms']:.2f}" if base else "–")
+        det = deterministic.get(key(r))
+        row.append(f"{det['ms']:.3f}" if det else "–")
         rows.append(row)
     header = ["shape (B×H×Hk×T×S×D)", "pass", "ρ", "cram ms", "cram TFLOP/s"]
-    header += [f"cram / {impl}" for impl in dense_impls] + ["cram / flex_gathered"]
+    header += [f"cram / {impl}" for impl in dense_impls] + ["cram / flex_gathered", "deterministic=True ms"]
     return table(header, rows)
 
 

@@ -195,13 +195,12 @@ def routed_attention(
         k, v: (B, S, Hk, D), same dtype, H % Hk == 0, S >= T.
         index, counts: the routing, as `route` returns it ((B, T) and (B,) int32).
         softmax_scale: defaults to D ** -0.5.
-        deterministic: ask for outputs and gradients that are bitwise identical run to
-            run (same device, same inputs). Every backend already is, at no cost: the
-            CUDA forward merges its key splits in a fixed order, and the backward writes
-            each dQ row and each dK/dV row from one CTA, with no atomics (the CPU
-            backward splits its work by key/value head). The flag is accepted so that
-            code written for flash-attn's `deterministic=True` runs unchanged; a faster
-            non-deterministic path, if one is added, will only be taken when it is False.
+        deterministic: make the gradients bitwise identical run to run (same device,
+            same inputs); the outputs always are. With False (the default, as in
+            flash-attn) the CUDA backward sums dQ inside its dK/dV kernel, with bulk float
+            reductions whose order varies; with True a separate dQ kernel recomputes the
+            scores, which costs about 20% of the backward at density 1 (docs/benchmarks.md,
+            `cram_deterministic`). The CPU backward is deterministic either way.
 
     Returns:
         out: (B, T, H, D) in q.dtype, exactly 0 at rows that were not routed.
@@ -216,34 +215,35 @@ def routed_attention(
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if _debug:
         check_route(index, counts, q.shape[1])
-    return torch.ops.cram.routed_attention.default(q, k, v, index, counts, scale)
+    return torch.ops.cram.routed_attention.default(q, k, v, index, counts, scale, deterministic)
 
 
 @torch.library.register_fake("cram::routed_attention")
-def _(q, k, v, index, counts, softmax_scale):
+def _(q, k, v, index, counts, softmax_scale, deterministic=False):
     B, T, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=accumulate_dtype(q.dtype))
 
 
 @torch.library.register_fake("cram::routed_attention_backward")
-def _(grad_out, q, k, v, out, lse, index, counts, softmax_scale):
+def _(grad_out, q, k, v, out, lse, index, counts, softmax_scale, deterministic=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _routed_attention_setup_context(ctx, inputs, output):
-    q, k, v, index, counts, softmax_scale = inputs
+    q, k, v, index, counts, softmax_scale, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, index, counts)
     ctx.softmax_scale = softmax_scale
+    ctx.deterministic = bool(rest[0]) if rest else False
     ctx.mark_non_differentiable(lse)
 
 
 def _routed_attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, index, counts = ctx.saved_tensors
     grad_q, grad_k, grad_v = torch.ops.cram.routed_attention_backward.default(
-        grad_out, q, k, v, out, lse, index, counts, ctx.softmax_scale
+        grad_out, q, k, v, out, lse, index, counts, ctx.softmax_scale, ctx.deterministic
     )
-    return grad_q, grad_k, grad_v, None, None, None
+    return grad_q, grad_k, grad_v, None, None, None, None
 
 
 torch.library.register_autograd(

@@ -36,11 +36,13 @@ TORCH_LIBRARY(cram, m) {
       " -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
   m.def(
-      "routed_attention(Tensor q, Tensor k, Tensor v, Tensor index, Tensor counts, float softmax_scale)"
+      "routed_attention(Tensor q, Tensor k, Tensor v, Tensor index, Tensor counts, float softmax_scale,"
+      " bool deterministic=False)"
       " -> (Tensor out, Tensor lse)");
   m.def(
       "routed_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
-      " Tensor index, Tensor counts, float softmax_scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      " Tensor index, Tensor counts, float softmax_scale, bool deterministic=False)"
+      " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 
 }  // namespace cram

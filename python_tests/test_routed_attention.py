@@ -83,7 +83,8 @@ def check_unrouted_rows(out, lse, routed):
     assert torch.isfinite(lse[lse_rows]).all(), "lse is not finite at a routed row"
 
 
-def check_against_reference(q, k, v, index, counts, tol, softmax_scale=None, compare_grads=("q", "k", "v")):
+def check_against_reference(q, k, v, index, counts, tol, softmax_scale=None, compare_grads=("q", "k", "v"),
+                            deterministic=False):
     """Forward (out, lse) and the gradients named in compare_grads against the reference,
     run in float64 for float64 inputs and in float32 otherwise, on the same (rounded)
     inputs and the same grad_out. Gradients not compared must still be finite."""
@@ -93,7 +94,7 @@ def check_against_reference(q, k, v, index, counts, tol, softmax_scale=None, com
     routed = routed_mask(index, counts, T)
 
     poison_allocator(q.device.type)
-    out, lse = cram_ext.routed_attention(q, k, v, index, counts, softmax_scale)
+    out, lse = cram_ext.routed_attention(q, k, v, index, counts, softmax_scale, deterministic=deterministic)
     out_ref, lse_ref = reference.routed_attention(qr, kr, vr, index, counts, softmax_scale)
 
     assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
@@ -140,11 +141,13 @@ def test_deterministic(device, dtype, D):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("device, dtype, D", attention_params())
-def test_matches_reference(device, dtype, D, case):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
+def test_matches_reference(device, dtype, D, case, deterministic):
+    """Both backward paths (on CUDA: dQ summed inside the dK/dV kernel, or its own kernel)."""
     q, k, v = make_qkv(case.B, case.T, case.S, case.H, case.Hk, D, dtype, device)
     mask = routing_mask(case.B, case.T, case.pattern, device, case.density)
     index, counts = route_from_mask(mask)
-    check_against_reference(q, k, v, index, counts, TOLERANCE[dtype])
+    check_against_reference(q, k, v, index, counts, TOLERANCE[dtype], deterministic=deterministic)
 
 
 LONG_PARAMS = [

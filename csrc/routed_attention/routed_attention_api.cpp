@@ -126,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cuda(const at::Tensor& q_in,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& index_in, const at::Tensor& counts_in,
-    double softmax_scale) {
+    double softmax_scale, bool deterministic) {
   const at::Tensor q = cuda_compute(q_in), k = cuda_compute(k_in), v = cuda_compute(v_in);
   const at::Tensor grad_out = cuda_compute(grad_out_in), out = cuda_compute(out_in);
   const at::Tensor lse = lse_in.contiguous();
@@ -147,6 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cuda(
   p.dk_batch_stride = grad_k.stride(0), p.dk_row_stride = grad_k.stride(1), p.dk_head_stride = grad_k.stride(2);
   p.grad_v = grad_v.data_ptr();
   p.dv_batch_stride = grad_v.stride(0), p.dv_row_stride = grad_v.stride(1), p.dv_head_stride = grad_v.stride(2);
+  p.deterministic = deterministic;
   at::Tensor workspace;
   p.workspace = cuda_workspace(routed_attention_bwd_workspace_bytes(p), q, workspace);
   routed_attention_bwd_cuda(p, cuda_stream_of(q));
@@ -156,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cuda(
 
 std::tuple<at::Tensor, at::Tensor> routed_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     const at::Tensor& index, const at::Tensor& counts,
-                                                    double softmax_scale) {
+                                                    double softmax_scale, bool /*deterministic: the forward always is*/) {
   check_qkv(q, k, v);
   check_route_tensors(index, counts, q);
   c10::OptionalDeviceGuard guard(q.device());
@@ -178,7 +179,8 @@ std::tuple<at::Tensor, at::Tensor> routed_attention(const at::Tensor& q, const a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& index, const at::Tensor& counts, double softmax_scale) {
+    const at::Tensor& lse, const at::Tensor& index, const at::Tensor& counts, double softmax_scale,
+    bool deterministic) {
   check_qkv(q, k, v);
   check_route_tensors(index, counts, q);
   for (const auto& [t, name] : {std::pair{&grad_out, "grad_out"}, std::pair{&out, "out"}}) {
@@ -193,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward(
   c10::OptionalDeviceGuard guard(q.device());
   if (q.is_cuda()) {
 #ifdef CRAM_WITH_CUDA
-    return routed_attention_backward_cuda(grad_out, q, k, v, out, lse, index, counts, softmax_scale);
+    return routed_attention_backward_cuda(grad_out, q, k, v, out, lse, index, counts, softmax_scale, deterministic);
 #else
     TORCH_CHECK(false, "routed_attention_backward: cram_ext was built without CUDA support");
 #endif

@@ -22,12 +22,13 @@ namespace ra {
 struct BwdWorkspace {
   float* lse_log2;
   float* delta;
-  float* dq_accum;  // (B, H, T rounded up to 64, D) by slot: the fused dQ path's sums
+  float* dq_accum;  // (B, H, T + 64, D) by slot: the fused dQ path's sums (absent if deterministic)
   __host__ __device__ BwdWorkspace(void* base, int batch, int heads, int seqlen_q)
       : lse_log2(static_cast<float*>(base)),
         delta(static_cast<float*>(base) + static_cast<int64_t>(batch) * heads * seqlen_q),
         dq_accum(static_cast<float*>(base) + 2 * static_cast<int64_t>(batch) * heads * seqlen_q) {}
-  __host__ __device__ static int padded_slots(int seqlen_q) { return (seqlen_q + 63) / 64 * 64; }
+  // A job's 64 slots start below the row's count, so they end below T + 64.
+  __host__ __device__ static int padded_slots(int seqlen_q) { return seqlen_q + 64; }
   static size_t bytes(int batch, int heads, int seqlen_q, int head_dim) {
     return (2 * static_cast<size_t>(batch) * heads * seqlen_q +
             static_cast<size_t>(batch) * heads * padded_slots(seqlen_q) * head_dim) *
@@ -79,7 +80,7 @@ __global__ void __launch_bounds__(256)
   }
 #pragma unroll
   for (int o = kThreadsPerRow / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-  if (has_slot) {  // the fused dQ path adds into these rows
+  if (has_slot && !p.deterministic) {  // the fused dQ path adds into these rows
     const BwdWorkspace ws(p.workspace, p.batch, H, T);
     float4* z = reinterpret_cast<float4*>(
         ws.dq_accum + ((static_cast<int64_t>(b) * H + h) * BwdWorkspace::padded_slots(T) + slot) * kHeadDim + lane * 8);
@@ -353,8 +354,9 @@ struct DkvTraits {
   // K, V, two stages of Q and dO, P, dS.
   static constexpr int kSmemBytes =
       (2 * kSmemKVElems + 4 * kSmemQElems + 2 * kSmemPElems) * int(sizeof(Element));
-  // The fused dQ path adds a float (kBlockM, kHeadDim) staging tile for the bulk reduction.
+  // The fused dQ path adds two float (kBlockM, kHeadDim) staging tiles for the bulk reductions.
   static constexpr int kSmemDqBytes = kBlockM * kHeadDim * int(sizeof(float));
+  static constexpr int kSmemBytesFusedDq = kSmemBytes + 2 * kSmemDqBytes;
 };
 
 template <int kHeadDim>
@@ -502,6 +504,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Tensor tdQsdS = thr_copy_sdp_A.partition_S(sdS);
   Tensor tdQcdQ = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   const int dq_slots = BwdWorkspace::padded_slots(T);
+  auto reduce_dq = [&](int job) {  // thread 0: dq_accum[b, h, slots of job] += staging[job & 1]
+    const int h = kv_head * group + job / n_chunks;
+    const int m0 = i0 + (job % n_chunks) * kBlockM;  // m0 + kBlockM <= dq_slots
+    float* dst = ws.dq_accum + ((static_cast<int64_t>(b) * H + h) * dq_slots + m0) * kHeadDim;
+    bulk_reduce_add_f32(dst, smem_dq + (job & 1) * (kBlockM * kHeadDim), Traits::kSmemDqBytes);
+  };
 
   Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor tScS = thr_sdp.partition_C(cS);
@@ -520,6 +528,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if (jb + 1 < n_jobs) {
       load_job(jb + 1, stage ^ 1);
       cp_async_commit();
+    }
+    if constexpr (kFusedDq) {
+      if (tid == 0 && jb > 0) reduce_dq(jb - 1);
     }
     Tensor sQ = make_tensor(make_smem_ptr(smem_q + stage * Traits::kSmemQElems), typename Traits::SmemLayoutQ{});
     Tensor sdO = make_tensor(make_smem_ptr(smem_do + stage * Traits::kSmemQElems), typename Traits::SmemLayoutQ{});
@@ -562,36 +573,31 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     Tensor rdS = convert_fragment<Element>(acc_dp);
     cute::copy(copy_pds, thr_copy_pds.retile_S(rP), tPsP);
     cute::copy(copy_pds, thr_copy_pds.retile_S(rdS), tdSsdS);
-    __syncthreads();  // P, dS complete
+    if constexpr (kFusedDq) {
+      if (tid == 0) bulk_wait_read<1>();
+    }
+    __syncthreads();  // P, dS complete (and the dQ staging buffer of this job free)
 
     if constexpr (kFusedDq) {
+      // dQ of this job into staging buffer jb & 1; thread 0 hands it to the TMA unit at the
+      // top of the next job (after that barrier) and, before the "P, dS" barrier, waits
+      // until the reduction of job jb - 2 has read the buffer this job writes.
       Tensor acc_dq = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kHeadDim>>{});
       clear(acc_dq);
       gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma_sdp, copy_sdp_A, copy_dq_B, thr_copy_sdp_A, thr_copy_dq_B);
-      if (tid == 0) bulk_wait_read_all();  // the previous job's reduction has read the staging tile
-      __syncthreads();
+      float* staging = smem_dq + stage * (kBlockM * kHeadDim);
 #pragma unroll
       for (int e = 0; e < decltype(size(acc_dq))::value; e += 2) {
         const int r = get<0>(tdQcdQ(e)), d = get<1>(tdQcdQ(e));  // elements e, e + 1: columns d, d + 1
-        *reinterpret_cast<float2*>(smem_dq + r * kHeadDim + d) = make_float2(acc_dq(e), acc_dq(e + 1));
+        *reinterpret_cast<float2*>(staging + r * kHeadDim + d) = make_float2(acc_dq(e), acc_dq(e + 1));
       }
       fence_proxy_async_shared();
-      __syncthreads();
-      if (tid == 0) {
-        const int h = kv_head * group + jb / n_chunks;
-        const int m0 = i0 + (jb % n_chunks) * kBlockM;  // + kBlockM <= dq_slots
-        float* dst = ws.dq_accum + ((static_cast<int64_t>(b) * H + h) * dq_slots + m0) * kHeadDim;
-        bulk_reduce_add_f32(dst, smem_dq, Traits::kSmemDqBytes);
-      }
     }
 
     gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, thr_copy_dkv_B.partition_S(sdOt), mma_dkv, copy_dkv_A, copy_dkv_B,
             thr_copy_dkv_A, thr_copy_dkv_B);
     gemm_ss(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, thr_copy_dkv_B.partition_S(sQt), mma_dkv, copy_dkv_A, copy_dkv_B,
             thr_copy_dkv_A, thr_copy_dkv_B);
-  }
-  if constexpr (kFusedDq) {
-    if (tid == 0) bulk_wait_read_all();  // shared memory must outlive the last reduction's read
   }
 
   // ---- epilogue: dK * scale and dV through smem (the K / V buffers) to every key row.
@@ -601,6 +607,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Tensor rdV = convert_fragment<Element>(acc_dv);
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with sK / sV (and no load is in flight)
+  if constexpr (kFusedDq) {
+    if (tid == 0 && n_jobs > 0) reduce_dq(n_jobs - 1);
+  }
   auto copy_dkv_C = make_tiled_copy_C(typename Traits::SmemCopyAtomC{}, mma_dkv);
   auto thr_copy_dkv_C = copy_dkv_C.get_thread_slice(tid);
   cute::copy(copy_dkv_C, thr_copy_dkv_C.retile_S(rdK), thr_copy_dkv_C.partition_D(sK));
@@ -616,6 +625,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     const int j = j0 + r;
     return j < S ? dv_ptr + static_cast<int64_t>(j) * p.dv_row_stride : nullptr;
   });
+  if constexpr (kFusedDq) {
+    if (tid == 0) bulk_wait_read<0>();  // shared memory must outlive the last reduction's read
+  }
 }
 
 // grad_q[b, t, h] = dq_accum[b, h, slot] * softmax_scale at the routed rows (the fused

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 #include <stdexcept>
 
 #include "routed_attention/routed_attention_bwd_kernel.cuh"
@@ -18,8 +17,7 @@ void run_routed_attention_bwd(const RoutedAttentionParams& p, cudaStream_t strea
   const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_heads;
   const int64_t key_tiles_total = static_cast<int64_t>(p.batch) * p.num_kv_heads;
   if (rows == 0 && (key_tiles_total == 0 || p.seqlen_k == 0)) return;
-  // Prototype switch (branch fused-dq-bulk): dQ inside the dK/dV kernel.
-  const bool fused_dq = std::getenv("CRAM_FUSED_DQ") != nullptr;
+  const bool fused_dq = !p.deterministic;  // dQ inside the dK/dV kernel
 
   // 1. delta = rowsum(dO * O) and lse * log2(e), compacted by slot; zeros in the rows of
   // grad_q not routed.
@@ -47,7 +45,7 @@ void run_routed_attention_bwd(const RoutedAttentionParams& p, cudaStream_t strea
     if (grid > 0) {
       if (fused_dq) {
         auto kernel = routed_attention_bwd_dkdv_kernel<Traits, true>;
-        constexpr int kBytes = Traits::kSmemBytes + Traits::kSmemDqBytes;
+        constexpr int kBytes = Traits::kSmemBytesFusedDq;
         set_max_dynamic_smem(kernel, kBytes);
         kernel<<<static_cast<unsigned>(grid), Traits::kNThreads, kBytes, stream>>>(p);
       } else {

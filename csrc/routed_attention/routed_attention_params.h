@@ -53,8 +53,9 @@ struct RoutedAttentionParams {
   int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
   int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
   int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
-  // The kernels are deterministic whatever this says (no atomics anywhere); kept so that
-  // a faster non-deterministic dQ path can be added behind it later.
+  // false: dQ is summed inside the dK/dV kernel by bulk reductions into a float workspace
+  // (faster; the order of the additions, so dQ's last bits, varies run to run). true: a
+  // separate dQ kernel writes each dQ row from one CTA (bitwise reproducible).
   bool deterministic = true;
 
   // Scratch memory of the size that *_workspace_bytes returned for these params, 256-byte
