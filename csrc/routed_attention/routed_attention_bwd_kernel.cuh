@@ -1,15 +1,21 @@
-// Backward of routed attention, three kernels, no atomics (deterministic by construction):
+// Backward of routed attention:
 //
 // 1. preprocess: for every routed slot i of row b and head h, delta = rowsum(dO * O) and
-//    lse * log2(e), stored compacted by slot ([B, H, T] fp32, slot order) in the workspace.
+//    lse * log2(e), stored compacted by slot ([B, H, T] fp32, slot order) in the workspace;
+//    zeros in the rows of grad_q that are not routed (and, on the fast path, in the dQ
+//    accumulator's routed slots).
 // 2. dK/dV: one CTA per (key tile, kv head, batch row). The routed queries that see the key
 //    tile are the slots i >= i0 with index[b, i] + (S - T) >= j0 (index is sorted: i0 by a
 //    binary search on the device). The CTA loops over every head of its GQA group and over
 //    those slots in chunks of kBlockM gathered rows, recomputes P and dS, and accumulates
 //    dV += P^T dO and dK += dS^T Q in registers. Every key row is written (zeros where no
-//    routed query sees it).
-// 3. dQ: one CTA per routed query tile (the forward's tiling), looping over its key tiles:
-//    dQ += dS K, written to the routed rows only.
+//    routed query sees it). On the fast path (deterministic = false) it also computes
+//    dQ = dS K for each chunk and adds it to a float accumulator ordered by slot with one
+//    bulk reduction (the order of the additions varies, so dQ's last bits do).
+// 3. fast path: a convert kernel scales the accumulator and scatters it to the routed rows.
+//    deterministic: a dQ kernel, one CTA per routed query tile (the forward's tiling),
+//    loops over its key tiles, recomputing S and dP: dQ += dS K, written to the routed rows.
+//    Two more matmuls, but each dQ row is written by one CTA, bitwise reproducible.
 #pragma once
 
 #include "routed_attention/routed_attention_fwd_kernel.cuh"
@@ -18,7 +24,8 @@
 namespace cram {
 namespace ra {
 
-// Workspace of the backward: lse * log2(e) (+inf for a bad slot) and delta, per (b, h, slot).
+// Workspace of the backward: lse * log2(e) (+inf for a bad slot) and delta, per (b, h, slot),
+// and on the fast path the float dQ accumulator.
 struct BwdWorkspace {
   float* lse_log2;
   float* delta;
