@@ -199,8 +199,8 @@ def routed_attention(
             same inputs); the outputs always are. With False (the default, as in
             flash-attn) the CUDA backward sums dQ inside its dK/dV kernel, with bulk float
             reductions whose order varies; with True a separate dQ kernel recomputes the
-            scores, which costs about 20% of the backward at density 1 (docs/benchmarks.md,
-            `cram_deterministic`). The CPU backward is deterministic either way.
+            scores: forward+backward at density 1 took 6-18% longer on an H100
+            (docs/benchmarks.md). The CPU backward is deterministic either way.
 
     Returns:
         out: (B, T, H, D) in q.dtype, exactly 0 at rows that were not routed.
