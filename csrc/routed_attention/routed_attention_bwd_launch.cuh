@@ -58,9 +58,9 @@ void run_routed_attention_bwd(const RoutedAttentionParams& p, cudaStream_t strea
   }
   if (fused_dq) {
     if (rows > 0) {
-      const int64_t n = rows * (kHeadDim / 4);
-      routed_attention_bwd_convert_dq_kernel<kHeadDim, Element>
-          <<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(p);
+      const int64_t blocks = (rows * (kHeadDim / 4) + 255) / 256;
+      if (blocks > INT_MAX) throw std::runtime_error("routed_attention_backward: too many rows for one launch");
+      routed_attention_bwd_convert_dq_kernel<kHeadDim, Element><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
       CRAM_CUDA_CHECK(cudaGetLastError());
     }
     return;
