@@ -26,9 +26,9 @@ class CRAMConfig:
     output_dim: int | None = None
     state_dim: int | None = None
     mlp_ratio: int = 4
-    threshold: float = 0.5
+    threshold: float = 0.3
     explore: float = 0.02
-    tol: float = 0.1
+    tol: float = 0.3
     router_bias_init: float = 3.0
     routing: str = "learned"
     budget: float = 0.1

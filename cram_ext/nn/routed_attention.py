@@ -32,7 +32,8 @@ class RoutedAttention(nn.Module):
         embed_dim: E.
         num_heads: query heads H; the head dim is E // H.
         num_kv_heads: key/value heads Hk (grouped-query attention), default H.
-        threshold: a token is routed when the router's probability exceeds this.
+        threshold: a token is routed when the router's probability exceeds this. Below 0.5,
+            a token the router is unsure of still goes to attention (docs/results.md).
         semantic_hidden: hidden width of the semantic-memory MLP, default 2 * E.
         explore: fraction of tokens force-routed in training, so the router keeps
             seeing consolidated tokens (never in eval).
@@ -59,10 +60,10 @@ class RoutedAttention(nn.Module):
         embed_dim: int,
         num_heads: int,
         num_kv_heads: int | None = None,
-        threshold: float = 0.5,
+        threshold: float = 0.3,
         semantic_hidden: int | None = None,
         explore: float = 0.02,
-        tol: float = 0.1,
+        tol: float = 0.3,
         router_bias_init: float = 3.0,
         routing: str = "learned",
         budget: float = 0.1,
