@@ -177,6 +177,17 @@ def flex_fn(compiled: bool = True):
 # ---------------------------------------------------------------------- SDPA
 
 
+def cram_fwd_bwd(q, k, v, index, counts, grad_out, deterministic: bool):
+    """A timed forward+backward of routed_attention (fresh leaves each call)."""
+    import cram_ext
+
+    def fn():
+        q_, k_, v_ = (x.detach().requires_grad_() for x in (q, k, v))
+        o, _ = cram_ext.routed_attention(q_, k_, v_, index, counts, deterministic=deterministic)
+        return torch.autograd.grad(o, (q_, k_, v_), grad_out)
+    return fn
+
+
 def sdpa_context(impl: str):
     if impl not in SDPA_BACKENDS:
         return contextlib.nullcontext()
@@ -351,18 +362,12 @@ def run_shape(shape, dtype, densities, passes, impls, env, runner: Runner, check
                         with torch.no_grad():
                             return cram_ext.routed_attention(q, k, v, index, counts)
                 else:
-                    def fn():
-                        q_, k_, v_ = (x.detach().requires_grad_() for x in (q, k, v))
-                        o, _ = cram_ext.routed_attention(q_, k_, v_, index, counts)
-                        return torch.autograd.grad(o, (q_, k_, v_), grad_out)
+                    fn = cram_fwd_bwd(q, k, v, index, counts, grad_out, deterministic=False)
                 runner.time("cram", pass_, f"rho={density}", fn, rec("cram", pass_, density, flops))
 
         if "cram_deterministic" in impls and runner.enabled("cram_deterministic") and "fwd_bwd" in passes:
-            def fn():
-                q_, k_, v_ = (x.detach().requires_grad_() for x in (q, k, v))
-                o, _ = cram_ext.routed_attention(q_, k_, v_, index, counts, deterministic=True)
-                return torch.autograd.grad(o, (q_, k_, v_), grad_out)
-            runner.time("cram_deterministic", "fwd_bwd", f"rho={density}", fn,
+            runner.time("cram_deterministic", "fwd_bwd", f"rho={density}",
+                        cram_fwd_bwd(q, k, v, index, counts, grad_out, deterministic=True),
                         rec("cram_deterministic", "fwd_bwd", density, flops))
 
         if "flex_gathered" in impls and runner.enabled("flex_gathered"):

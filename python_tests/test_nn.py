@@ -105,14 +105,20 @@ def test_mixed_routing_matches_per_token_choice(device):
     torch.testing.assert_close(y, torch.where(routed, dense, semantic), **_tol(device))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_training_losses_reach_every_parameter(device):
+def _training_step_inputs(device):
+    """A layer in training mode whose router routes some tokens and not others, and an
+    input that requires grad."""
     layer, e = _layer(device)
     with torch.no_grad():
         layer.router_weight.normal_(std=0.5)
         layer.router_bias.fill_(0.2)
     layer.train()
-    x = torch.randn(2, 33, e, device=device, requires_grad=True)
+    return layer, torch.randn(2, 33, e, device=device, requires_grad=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_losses_reach_every_parameter(device):
+    layer, x = _training_step_inputs(device)
     y = layer(x)
     aux = aux_losses(layer)
     assert aux.dim() == 0 and torch.isfinite(aux) and aux > 0
@@ -127,12 +133,7 @@ def test_training_losses_reach_every_parameter(device):
 def test_router_and_semantic_losses_train_only_themselves(device):
     """The consolidation and router losses reach the router and the semantic MLP, and
     neither the layer's input nor attention's projections (they read a stop-gradient)."""
-    layer, e = _layer(device)
-    with torch.no_grad():
-        layer.router_weight.normal_(std=0.5)
-        layer.router_bias.fill_(0.2)
-    layer.train()
-    x = torch.randn(2, 33, e, device=device, requires_grad=True)
+    layer, x = _training_step_inputs(device)
     layer(x)
     untouched = [x, layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight, layer.out_proj.weight]
     trained = [layer.router_weight, layer.router_bias, *layer.semantic.parameters()]
