@@ -49,8 +49,17 @@ def power_law_fit(steps: list[int], utilization: list[float], from_step: int | N
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of run_dir/metrics.jsonl. A last line cut short (the trainer was killed
+    while writing it) is dropped; a bad line before it is an error."""
+    lines = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return records
 
 
 def eval_curve(records: list[dict]) -> tuple[list[int], list[float], list[float]]:

@@ -22,6 +22,16 @@ __all__ = ["gated_scan", "route", "routed_attention", "check_route", "set_debug"
 _debug = os.environ.get("CRAM_DEBUG", "0") not in ("", "0")
 
 
+def _check_same_device(op: str, **tensors: Tensor | None) -> None:
+    """Every tensor argument on the first one's device. The C++ launchers check this too,
+    but a meta tensor among CPU or CUDA ones would dispatch to the fake kernel and return
+    uninitialised memory before they run."""
+    given = [(name, t) for name, t in tensors.items() if isinstance(t, Tensor)]
+    for name, t in given[1:]:
+        if t.device != given[0][1].device:
+            raise ValueError(f"{op}: {name} is on {t.device}, expected {given[0][1].device} like {given[0][0]}")
+
+
 def set_debug(enabled: bool) -> None:
     """Validate index/counts with `check_route` inside `routed_attention`.
 
@@ -47,8 +57,15 @@ def gated_scan(x: Tensor, log_a: Tensor, h0: Tensor | None = None) -> tuple[Tens
         h: (B, T, C) in x.dtype, accumulated in float32 (float64 for float64 x).
         h_last: (B, C), the final state in the accumulation dtype.
 
-    Differentiable in x, log_a and h0.
+    Differentiable in x, log_a and h0. Any strides and storage offsets (inputs are made
+    contiguous where the kernels need it). Sizes past 2**31 elements work: the kernels
+    index in 64 bits (python_tests/test_limits.py, (1, 2**20, 4104) on the GPU).
+
+    Non-finite values follow IEEE arithmetic channel by channel: a NaN in x or log_a at
+    (b, t, c) makes h[b, t:, c] and h_last[b, c] NaN and nothing else; log_a = -inf is a
+    reset (exp(log_a) = 0 exactly, so h[:, t] = x[:, t] and its log_a gradient is 0).
     """
+    _check_same_device("gated_scan", x=x, log_a=log_a, h0=h0)
     return torch.ops.cram.gated_scan.default(x, log_a, h0)
 
 
@@ -84,21 +101,29 @@ torch.library.register_autograd(
 
 
 def route(
-    hidden: Tensor, weight: Tensor, bias: Tensor, threshold: float = 0.5, force: Tensor | None = None
+    hidden: Tensor, weight: Tensor, bias: Tensor | float, threshold: float = 0.5, force: Tensor | None = None
 ) -> Route:
     """The router decision and the in-row compaction of the routed positions.
 
     Args:
         hidden: (B, T, C) float32/float16/bfloat16 (float64 on CPU).
         weight: (C,) router weight, any floating dtype.
-        bias: 0-dim router bias, any floating dtype (a tensor, so it is read on the device).
+        bias: 0-dim router bias, any floating dtype, or a Python number (as float32).
         threshold: a token is routed when its probability exceeds this.
         force: (B, T) bool, tokens routed whatever their probability (exploration), or None.
 
     Returns:
         A `Route` (prob, mask, index, counts); see its docstring. Only prob is
         differentiable, in hidden, weight and bias. No host-device sync.
+
+    Any strides and storage offsets; sizes past 2**31 elements work (T < 2**31). A row
+    whose probability is NaN (a NaN in its hidden state) is not routed unless forced
+    (NaN > threshold is false); other rows are unaffected.
     """
+    if not isinstance(bias, Tensor):
+        # A fill kernel, not a host-to-device copy: capturable in a CUDA graph.
+        bias = torch.full((), float(bias), dtype=torch.float32, device=hidden.device)
+    _check_same_device("route", hidden=hidden, weight=weight, bias=bias, force=force)
     return Route(*torch.ops.cram.route.default(hidden, weight, bias, float(threshold), force))
 
 
@@ -207,12 +232,21 @@ def routed_attention(
         lse: (B, H, T) log-sum-exp of the scaled scores in float32 (float64 for float64
         inputs), -inf at rows that were not routed. Not differentiable.
 
-    Differentiable in q, k and v. A malformed routing can give a wrong result but never
-    an out-of-bounds access; `set_debug(True)` validates it first.
+    Differentiable in q, k and v. Any strides and storage offsets (the CUDA kernels read
+    strided rows and copy only what is not 16-byte aligned). Tensors past 2**31 elements
+    work; B, T, S and H must each fit in int32. A malformed routing can give a wrong result
+    but never an out-of-bounds access; `set_debug(True)` validates it first.
+
+    Non-finite values: rows that are not routed are never read as queries, so a NaN in q
+    or in the incoming gradient there changes nothing. A NaN or Inf in k or v at key j may
+    reach any routed query of the same sequence and key/value head group (as in
+    FlashAttention, a masked key can still enter P @ V as 0 * NaN within its key tile), and
+    never another sequence or head group.
     """
     if not isinstance(deterministic, bool):
         raise TypeError(f"routed_attention: deterministic must be a bool, got {type(deterministic).__name__}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    _check_same_device("routed_attention", q=q, k=k, v=v, index=index, counts=counts)
     if _debug:
         check_route(index, counts, q.shape[1])
     return torch.ops.cram.routed_attention.default(q, k, v, index, counts, scale, deterministic)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import analysis
+from . import analysis, checkpoint
 from .data import IGNORE, mqar, srcd, srcd_input_dim
 from .models import CRAMConfig, CRAMModel
 from .nn import aux_losses
@@ -183,17 +183,14 @@ def evaluate(model: CRAMModel, task, batch: dict[str, Tensor], device: torch.dev
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int, wall_s: float) -> None:
-    state = {
+    checkpoint.save(path, {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "wall_s": wall_s,
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-save never leaves a broken checkpoint
+    })
 
 
 def set_router_trainable(model: CRAMModel, trainable: bool) -> None:
@@ -220,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["srcd", "mqar"], default="srcd")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<task>-<routing>)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from its checkpoint.pt (exactly, with the run's own arguments)")
+    p.add_argument("--force", action="store_true", help="replace the run already in OUT")
     p.add_argument("--routing", choices=list(ROUTING), default="learned")
     p.add_argument("--budget", type=float, default=0.0625, help="fraction of tokens --routing static routes")
     p.add_argument("--steps", type=int, default=5000)
@@ -297,9 +296,17 @@ def run(args: argparse.Namespace) -> dict:
     eval_batch = task.batch(args.eval_examples, EVAL_SEED + args.seed, device)
 
     metrics_path, ckpt_path = out / "metrics.jsonl", out / "checkpoint.pt"
+    config = {**vars(args), "out": str(out), "device": str(device), "model": dataclasses.asdict(cfg)}
     start, wall_before = 0, 0.0
-    if args.resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+    resume_from = checkpoint.prepare_run_folder(out, {k: v for k, v in config.items() if k != "model"},
+                                                args.resume, args.force)
+    if resume_from is not None:
+        # On the CPU: the RNG states must stay there; load_state_dict moves the rest.
+        state = checkpoint.load(resume_from, map_location="cpu")
+        saved_steps = json.loads((out / "config.json").read_text()).get("steps")
+        if saved_steps is not None and saved_steps != args.steps:
+            print(f"--resume: --steps changed from {saved_steps} to {args.steps}: the learning-rate schedule "
+                  f"follows the new total from step {state['step'] + 1} on", file=sys.stderr)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
@@ -311,8 +318,7 @@ def run(args: argparse.Namespace) -> dict:
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     else:
         metrics_path.write_text("")
-    (out / "config.json").write_text(json.dumps({**vars(args), "out": str(out), "device": str(device),
-                                                 "model": dataclasses.asdict(cfg)}, indent=2, default=str))
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
     progress = None
     if not args.no_progress:
@@ -408,7 +414,11 @@ def summarize(out: Path, args: argparse.Namespace, wall_s: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    s = run(args)
+    try:
+        s = run(args)
+    except checkpoint.RunError as e:
+        print(f"python -m cram_ext.train: error: {e}", file=sys.stderr)
+        return 2
     acc = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     print(f"utilization {s['utilization_start']:.4f} -> {s['utilization_end']:.4f} "
           f"({s['reduction']:.1f}x reduction); retrieval accuracy {acc(s['retrieval_acc'])} "

@@ -3,6 +3,7 @@
 # logs and JSON under $OUT (default ./device_out). Stages run in the order given
 # (default: all); a failing stage is reported and the next one still runs.
 #   bash scripts/device_check.sh build test sanitize bench
+#   FUZZ_BUDGET=150 bash scripts/device_check.sh prebuilt fuzz_memcheck   (seconds per op)
 # Wheels placed in .whl/ (fla-core, nvidia-cutlass) are installed to /tmp/site first.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -58,6 +59,15 @@ for stage in "${stages[@]}"; do
         run_stage racecheck_attention compute-sanitizer --tool racecheck --error-exitcode 3 \
           python3 python_tests/cuda_attention_check.py --quick -k t37
       fi ;;
+    fuzz)  # seeded random cases of every op against the reference, many processes, no sanitizer
+      run_stage fuzz python3 python_tests/cuda_fuzz.py --cases "${FUZZ_CASES:-100000}" \
+        --time-budget "${FUZZ_BUDGET:-60}" --out "$OUT/fuzz.json" ;;
+    fuzz_memcheck)  # the same cases, each worker under compute-sanitizer memcheck
+      run_stage fuzz_memcheck python3 python_tests/cuda_fuzz.py --sanitizer memcheck --cases "${FUZZ_CASES:-10000}" \
+        --time-budget "${FUZZ_BUDGET:-150}" --out "$OUT/fuzz_memcheck.json" ;;
+    fuzz_racecheck)
+      run_stage fuzz_racecheck python3 python_tests/cuda_fuzz.py --sanitizer racecheck --cases "${FUZZ_CASES:-300}" \
+        --time-budget "${FUZZ_BUDGET:-100}" --out "$OUT/fuzz_racecheck.json" ;;
     bench_scan) run_stage bench_scan python3 -m bench.scan --device cuda --out "$OUT/gated_scan.json" ;;
     bench_router) run_stage bench_router python3 -m bench.router --device cuda --out "$OUT/route.json" ;;
     bench_attention) run_stage bench_attention python3 -m bench.attention --device cuda --out "$OUT/routed_attention.json" ;;

@@ -96,6 +96,9 @@ class RoutedAttention(nn.Module):
         self.aux_loss: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.q_proj.in_features:
+            raise ValueError(f"RoutedAttention: expected x of shape (B, T, E={self.q_proj.in_features}), got "
+                             f"{tuple(x.shape)}" + (" (add a batch dimension: x.unsqueeze(0))" if x.dim() == 2 else ""))
         B, T, _ = x.shape
         # No affine: the router's and the MLP's first linear maps absorb one.
         z = F.layer_norm(x.detach(), (x.shape[-1],))

@@ -1,7 +1,9 @@
 // exp written with plain arithmetic so that the compiler vectorises the loops that
 // call it (std::exp is an opaque libm call and keeps a loop scalar without
 // -ffast-math). Cody-Waite range reduction and a degree-6 polynomial: within
-// 2 ulp of std::exp on [-87, 88]; clamps outside (exp(-87) ~ 1.6e-38 stands in for 0).
+// 2 ulp of std::exp on [-87, 88]; 0 below (the subnormal range is flushed, as the GPU's
+// __expf does), +inf above, NaN for NaN. Exact 0 at -inf matters: log_a = -inf is the
+// scan's reset, h[t] = x[t], and its gradient must be exactly 0.
 #pragma once
 
 #include <cmath>
@@ -10,8 +12,10 @@
 
 namespace cram {
 
-inline float exp_vectorisable(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+inline float exp_vectorisable(float x_in) {
+  // NaN takes the lower bound here (its float-to-int conversion below would be undefined)
+  // and is passed through at the end.
+  const float x = x_in >= -87.0f ? (x_in <= 88.0f ? x_in : 88.0f) : -87.0f;
   // Round to nearest by adding and removing 1.5 * 2^23 (no libm call, so it vectorises).
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, in two parts
@@ -25,7 +29,8 @@ inline float exp_vectorisable(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  const float e = p * scale;
+  return x_in < -87.0f ? 0.0f : (x_in > 88.0f ? INFINITY : (x_in == x_in ? e : x_in));
 }
 
 inline double exp_vectorisable(double x) { return std::exp(x); }

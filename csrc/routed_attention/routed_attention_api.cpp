@@ -51,6 +51,10 @@ void check_route_tensors(const at::Tensor& index, const at::Tensor& counts, cons
   check_same_device(counts, "counts", q, "q");
   check_dtype(index, "index", {at::kInt});
   check_dtype(counts, "counts", {at::kInt});
+  // (B, H, T, D) is the layout SDPA takes: say so rather than only that index has the wrong T.
+  TORCH_CHECK_VALUE(index.dim() != 2 || index.size(1) == q.size(1) || index.size(1) != q.size(2),
+                    "q: expected (B, T, H, D) with T=", index.size(1), " as index has, got ", q.sizes(),
+                    ", which looks like (B, H, T, D): pass q.transpose(1, 2) (and k, v likewise)");
   check_shape(index, "index", {q.size(0), q.size(1)});
   check_shape(counts, "counts", {q.size(0)});
 }

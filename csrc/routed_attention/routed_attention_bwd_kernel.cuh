@@ -24,22 +24,37 @@
 namespace cram {
 namespace ra {
 
+// Rows of gathered queries a dK/dV job takes (DkvConfig::kBlockM for every head dim): the
+// fused dQ accumulator pads each (b, h) by this many slots, since a job's rows start below
+// the row's count and so end below T + kDkvBlockM.
+constexpr int kDkvBlockM = 64;
+
 // Workspace of the backward: lse * log2(e) (+inf for a bad slot) and delta, per (b, h, slot),
-// and on the fast path the float dQ accumulator.
+// and on the fast path the float dQ accumulator. Each part starts on a 128-byte boundary:
+// the preprocess kernel zeroes the accumulator with 16-byte stores and the bulk reductions
+// need 16-byte aligned addresses, whatever B * H * T is.
 struct BwdWorkspace {
   float* lse_log2;
   float* delta;
-  float* dq_accum;  // (B, H, T + 64, D) by slot: the fused dQ path's sums (absent if deterministic)
-  __host__ __device__ BwdWorkspace(void* base, int batch, int heads, int seqlen_q)
-      : lse_log2(static_cast<float*>(base)),
-        delta(static_cast<float*>(base) + static_cast<int64_t>(batch) * heads * seqlen_q),
-        dq_accum(static_cast<float*>(base) + 2 * static_cast<int64_t>(batch) * heads * seqlen_q) {}
-  // A job's 64 slots start below the row's count, so they end below T + 64.
-  __host__ __device__ static int padded_slots(int seqlen_q) { return seqlen_q + 64; }
+  float* dq_accum;  // (B, H, T + kDkvBlockM, D) by slot: the fused dQ path's sums (absent if deterministic)
+
+  static constexpr size_t kAlign = 128;
+  __host__ __device__ static size_t aligned(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+  __host__ __device__ static size_t row_bytes(int batch, int heads, int seqlen_q) {
+    return aligned(static_cast<size_t>(batch) * heads * seqlen_q * sizeof(float));
+  }
+  __host__ __device__ static int padded_slots(int seqlen_q) { return seqlen_q + kDkvBlockM; }
+  // head_dim 0: no dQ accumulator (the deterministic path).
   static size_t bytes(int batch, int heads, int seqlen_q, int head_dim) {
-    return (2 * static_cast<size_t>(batch) * heads * seqlen_q +
-            static_cast<size_t>(batch) * heads * padded_slots(seqlen_q) * head_dim) *
-           sizeof(float);
+    return 2 * row_bytes(batch, heads, seqlen_q) +
+           static_cast<size_t>(batch) * heads * padded_slots(seqlen_q) * head_dim * sizeof(float);
+  }
+  __host__ __device__ BwdWorkspace(void* base, int batch, int heads, int seqlen_q) {
+    char* c = static_cast<char*>(base);
+    const size_t rows = row_bytes(batch, heads, seqlen_q);
+    lse_log2 = reinterpret_cast<float*>(c);
+    delta = reinterpret_cast<float*>(c + rows);
+    dq_accum = reinterpret_cast<float*>(c + 2 * rows);
   }
 };
 
@@ -368,7 +383,7 @@ struct DkvTraits {
 
 template <int kHeadDim>
 struct DkvConfig {
-  static constexpr int kBlockM = 64;
+  static constexpr int kBlockM = kDkvBlockM;
   static constexpr int kBlockN = 128;
   static constexpr int kNWarps = 8;
   static constexpr int kAtomMSdP = 2;
@@ -386,6 +401,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kNThreads = Traits::kNThreads;
+  static_assert(!kFusedDq || kBlockM == kDkvBlockM, "the dQ accumulator is padded by kDkvBlockM slots");
 
   extern __shared__ __align__(128) char smem[];
   __shared__ int s_limit[2][kBlockM];

@@ -1,0 +1,95 @@
+"""Checkpoints of a training run, and the run folder's rules.
+
+- A checkpoint is written to a temporary file, flushed to disk and renamed over the old
+  one: a process killed at any moment leaves either the previous checkpoint or the new one,
+  never a broken file.
+- Reading one checks that it is a complete cram_ext training checkpoint; a truncated or
+  foreign file gives a `RunError` that says so, not a traceback from inside torch.load.
+- A run folder belongs to one configuration: resuming with arguments that change the model,
+  the task or the optimisation is refused, and starting a new run over an existing one
+  needs --force.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "cram_ext.train/1"
+KEYS = ("format", "model", "optimizer", "step", "wall_s", "rng_cpu", "rng_cuda")
+# Arguments that may differ between a run and its resumption: where it runs, what it prints
+# and how often it evaluates or saves. --steps may grow; the learning-rate schedule then
+# follows the new total from the resumed step on (a warning says so).
+RESUMABLE = {"resume", "force", "out", "device", "no_progress", "log_every", "eval_every", "ckpt_every",
+             "eval_examples", "transfer", "threads", "steps"}
+
+
+class RunError(ValueError):
+    """A run folder or checkpoint that cannot be used as asked; the message says what to do."""
+
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    """Write `state` (plus the format tag) to `path` atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: Path, map_location: torch.device | str) -> dict[str, Any]:
+    """The checkpoint at `path`, validated; RunError if it is truncated, corrupt or foreign."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch.load raises many kinds for a bad file)
+        raise RunError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}): it is "
+                       "truncated or not a torch checkpoint. Delete it to start the run over, or restore a copy.") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise RunError(f"{path} is not a cram_ext training checkpoint (format {FORMAT!r} expected; found {found}).")
+    missing = [k for k in KEYS if k not in state]
+    if missing:
+        raise RunError(f"{path} is missing {missing}: it was not written by this version of cram_ext.train.")
+    return state
+
+
+def normalise(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as config.json stores it (paths and other objects as strings)."""
+    return json.loads(json.dumps(config, default=str))
+
+
+def mismatches(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """The arguments, other than RESUMABLE ones, whose values differ, as 'name: saved -> given'."""
+    saved, given = normalise(saved), normalise(given)
+    keys = sorted((saved.keys() | given.keys()) - RESUMABLE)
+    return [f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {given.get(k)!r}" for k in keys
+            if saved.get(k) != given.get(k)]
+
+
+def prepare_run_folder(out: Path, args: dict[str, Any], resume: bool, force: bool) -> Path | None:
+    """Check `out` against the run's rules; returns the checkpoint to resume from, or None
+    to start afresh. A new run over an existing one needs `force` (which replaces it)."""
+    ckpt, config = out / "checkpoint.pt", out / "config.json"
+    existing = [p.name for p in (ckpt, config, out / "metrics.jsonl") if p.exists()]
+    if resume:
+        if not ckpt.exists():
+            return None
+        if config.exists():
+            saved = {k: v for k, v in json.loads(config.read_text()).items() if k in args}
+            diff = mismatches(saved, args)
+            if diff:
+                raise RunError(f"--resume: {out} was run with other arguments ({'; '.join(diff)}). Resume with "
+                               "the run's own arguments (its config.json), or start a new run in another folder.")
+        return ckpt
+    if existing and not force:
+        raise RunError(f"{out} already holds a run ({', '.join(existing)}): pass --resume to continue it, --force to "
+                       "replace it, or --out to write elsewhere.")
+    # Replacing: the old checkpoint must not be resumed into the new run's folder later.
+    for name in ("checkpoint.pt", "checkpoint.pt.tmp", "summary.json"):
+        (out / name).unlink(missing_ok=True)
+    return None
