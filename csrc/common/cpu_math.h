@@ -2,7 +2,7 @@
 // call it (std::exp is an opaque libm call and keeps a loop scalar without
 // -ffast-math). Cody-Waite range reduction and a degree-6 polynomial: within
 // 2 ulp of std::exp on [-87, 88]; 0 below (the subnormal range is flushed, as the GPU's
-// __expf does), +inf above, NaN for NaN. Exact 0 at -inf matters: log_a = -inf is the
+// __expf does); exp(88) above; NaN for NaN. Exact 0 at -inf matters: log_a = -inf is the
 // scan's reset, h[t] = x[t], and its gradient must be exactly 0.
 #pragma once
 
@@ -13,11 +13,12 @@
 namespace cram {
 
 inline float exp_vectorisable(float x_in) {
-  // NaN takes the lower bound here (its float-to-int conversion below would be undefined)
-  // and is passed through at the end.
-  const float x = x_in >= -87.0f ? (x_in <= 88.0f ? x_in : 88.0f) : -87.0f;
-  // Round to nearest by adding and removing 1.5 * 2^23 (no libm call, so it vectorises).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  // No lower clamp: below -87 the result is replaced by 0 at the end, whatever 2^n was.
+  const float x = x_in > 88.0f ? 88.0f : x_in;
+  // x log2(e) + 1.5 * 2^23 holds round(x log2(e)) = n in its low mantissa bits: n without a
+  // float-to-int conversion (undefined out of range, as at x = -inf) and without libm.
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, in two parts
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -26,11 +27,12 @@ inline float exp_vectorisable(float x_in) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits - 0x4B400000u + 127u) << 23;  // 2^n (0x4B400000: the bits of 1.5 * 2^23)
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  const float e = p * scale;
-  return x_in < -87.0f ? 0.0f : (x_in > 88.0f ? INFINITY : (x_in == x_in ? e : x_in));
+  return x_in < -87.0f ? 0.0f : p * scale;
 }
 
 inline double exp_vectorisable(double x) { return std::exp(x); }
