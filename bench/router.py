@@ -3,7 +3,7 @@
     python -m bench.router [--device auto|cpu|cuda] [--quick] [--dtype bf16,fp32] [--pass fwd|fwd_bwd|both]
                            [--impl cram,torch_eager,torch_compile] [--shape B,T,C] [--threshold 0.5]
 
-What is computed (DESIGN §2): prob = sigmoid(hidden @ weight + bias) in fp32, mask = prob > threshold,
+What is computed (docs/design.md §2): prob = sigmoid(hidden @ weight + bias) in fp32, mask = prob > threshold,
 counts = routed tokens per row, index = each row's routed positions ascending, then T.
 
 Implementations (impl):

@@ -7,7 +7,8 @@ import json
 import torch
 
 from . import models, nn, reference
-from .models import CRAMBlock, CRAMConfig, CRAMModel
+from .checkpoint import load_run
+from .models import CRAMBlock, CRAMConfig, CRAMModel, TransformerConfig, TransformerLM
 from .nn import RoutedAttention, WorkingMemory, aux_losses
 from .ops import check_route, gated_scan, route, routed_attention, set_debug
 from .route_types import Route
@@ -19,12 +20,15 @@ __all__ = [
     "CRAMConfig",
     "CRAMModel",
     "Route",
+    "TransformerConfig",
+    "TransformerLM",
     "RoutedAttention",
     "WorkingMemory",
     "aux_losses",
     "build_info",
     "check_route",
     "gated_scan",
+    "load_run",
     "models",
     "nn",
     "reference",

@@ -4,7 +4,8 @@ Definitions (docs/results.md uses them):
   transition step: the first evaluated step whose utilization is at or below the geometric
       mean of the first and the last evaluated utilization (half-way on a log scale).
   gamma: the exponent of the power law u(step) = a * step^(-gamma), fitted by least squares
-      on log u against log step over the evaluated steps from the transition step on.
+      on log u against log step over the evaluated steps from the transition step on, with
+      its 95% confidence interval and the fit's r2 (below 0.8 the fit is called poor).
 
   routing breakdown (SRCD): which kinds of token the trained model sends to attention, in
       eval mode on the run's evaluation examples: novel-key queries, recurring-key queries,
@@ -19,7 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 
 def transition_step(steps: list[int], utilization: list[float]) -> int | None:
@@ -30,22 +34,41 @@ def transition_step(steps: list[int], utilization: list[float]) -> int | None:
     return next(s for s, u in zip(steps, utilization) if u <= mid)
 
 
-def power_law_fit(steps: list[int], utilization: list[float], from_step: int | None) -> tuple[float, float] | None:
-    """(gamma, a) of u = a * step^-gamma over steps >= from_step (and > 0, u > 0); None if
-    fewer than 3 points."""
+@dataclass(frozen=True)
+class PowerLawFit:
+    """u = a * step^-gamma by least squares on (log step, log u): gamma with its 95%
+    confidence interval (Student t, n - 2 degrees of freedom; None with 3 points' worth of
+    nothing to spare), the coefficient of determination r2 of the log-log fit, and the
+    number of points. `poor` when r2 < 0.8: the curve is not a power law there."""
+
+    gamma: float
+    a: float
+    gamma_ci95: tuple[float, float] | None
+    r2: float
+    points: int
+
+    @property
+    def poor(self) -> bool:
+        return self.r2 < 0.8
+
+
+def power_law_fit(steps: list[int], utilization: list[float], from_step: int | None) -> PowerLawFit | None:
+    """The power-law fit over steps >= from_step (and > 0, u > 0); None if fewer than 3 points."""
     if from_step is None:
         return None
-    pts = [(math.log(s), math.log(u)) for s, u in zip(steps, utilization) if s >= max(from_step, 1) and u > 0]
-    if len(pts) < 3:
+    pts = [(s, u) for s, u in zip(steps, utilization) if s >= max(from_step, 1) and u > 0]
+    if len(pts) < 3 or len({s for s, _ in pts}) < 2:
         return None
+    from scipy import stats
+
+    x = np.log([s for s, _ in pts])
+    y = np.log([u for _, u in pts])
+    fit = stats.linregress(x, y)
     n = len(pts)
-    mx = sum(x for x, _ in pts) / n
-    my = sum(y for _, y in pts) / n
-    sxx = sum((x - mx) ** 2 for x, _ in pts)
-    if sxx == 0:
-        return None
-    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
-    return -slope, math.exp(my - slope * mx)
+    half = float(stats.t.ppf(0.975, n - 2) * fit.stderr) if n > 2 else math.inf
+    ci = (-fit.slope - half, -fit.slope + half) if math.isfinite(half) else None
+    r2 = float(fit.rvalue**2) if np.ptp(y) > 0 else 1.0
+    return PowerLawFit(float(-fit.slope), float(math.exp(fit.intercept)), ci, r2, n)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -62,20 +85,24 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return records
 
 
+QUALITY = ("retrieval_acc", "eval_bpb")  # the metric a task's curve shows: retrieval tasks, language modelling
+
+
 def eval_curve(records: list[dict]) -> tuple[list[int], list[float], list[float]]:
-    """(steps, eval utilization, retrieval accuracy) of the evaluation records."""
-    ev = [r for r in records if "retrieval_acc" in r]
-    return [r["step"] for r in ev], [r["eval_utilization"] for r in ev], [r["retrieval_acc"] for r in ev]
+    """(steps, eval utilization, the task's quality metric) of the evaluation records."""
+    ev = [r for r in records if "eval_utilization" in r]
+    key = next((k for k in QUALITY if ev and k in ev[0]), None)
+    return [r["step"] for r in ev], [r["eval_utilization"] for r in ev], [r[key] if key else math.nan for r in ev]
 
 
-def fit_curve(steps: list[int], utilization: list[float]) -> tuple[int | None, tuple[float, float] | None]:
-    """(transition step, power-law fit (gamma, a) from it on) of a utilization curve."""
+def fit_curve(steps: list[int], utilization: list[float]) -> tuple[int | None, PowerLawFit | None]:
+    """(transition step, power-law fit from it on) of a utilization curve."""
     t = transition_step(steps, utilization)
     return t, power_law_fit(steps, utilization, t)
 
 
 def plot_run(run_dir: Path, title: str = "") -> Path:
-    """Utilization (log scale) and retrieval accuracy over steps, with the power-law fit and
+    """Utilization (log scale) and the task's quality over steps, with the power-law fit and
     the transition step; written to run_dir/utilization.png."""
     import matplotlib
 
@@ -97,13 +124,16 @@ def plot_run(run_dir: Path, title: str = "") -> Path:
     if t is not None:
         ax.axvline(t, color="C3", ls="--", lw=1, label=f"transition step {t}")
     if fit is not None:
-        gamma, a = fit
         xs = [s for s in steps if s >= t and s > 0]
-        ax.plot(xs, [a * s ** -gamma for s in xs], color="C3", lw=1.5, label=f"power law, gamma = {gamma:.2f}")
+        ci = f" [{fit.gamma_ci95[0]:.2f}, {fit.gamma_ci95[1]:.2f}]" if fit.gamma_ci95 else ""
+        ax.plot(xs, [fit.a * s**-fit.gamma for s in xs], color="C3", lw=1.5,
+                label=f"power law, gamma = {fit.gamma:.2f}{ci}, r2 = {fit.r2:.2f}" + (" (poor fit)" if fit.poor else ""))
     ax2 = ax.twinx()
-    ax2.plot(steps, acc, "s-", color="C2", ms=3, label="retrieval accuracy (eval)")
-    ax2.set_ylabel("retrieval accuracy")
-    ax2.set_ylim(0, 1.02)
+    name = "validation bits per byte" if records and any("eval_bpb" in r for r in records) else "retrieval accuracy"
+    ax2.plot(steps, acc, "s-", color="C2", ms=3, label=f"{name} (eval)")
+    ax2.set_ylabel(name)
+    if name == "retrieval accuracy":
+        ax2.set_ylim(0, 1.02)
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
     ax.legend(lines, labels, loc="center right", fontsize=8)
@@ -116,59 +146,62 @@ def plot_run(run_dir: Path, title: str = "") -> Path:
 
 
 def routing_breakdown(run_dir: Path, examples: int = 512) -> dict:
-    """The routing breakdown (module docstring) of the SRCD run in run_dir, from its
-    config.json and checkpoint.pt, on the CPU: per kind of token, tokens per sequence,
-    the fraction of them routed and routed tokens per sequence (first layer)."""
+    """The routing breakdown (module docstring) of the SRCD or MQAR run in run_dir, from its
+    config.json and checkpoint.pt, on the CPU: per kind of token, tokens per sequence, the
+    fraction of them routed and routed tokens per sequence; for the first routed layer at
+    the top level, for every routed layer under "layers"."""
     import torch
 
-    from . import train
+    from . import tasks
+    from .checkpoint import load_run
     from .data import IGNORE
     from .data.srcd import STORE
-    from .models import CRAMConfig, CRAMModel
 
-    run_dir = Path(run_dir)
-    cfg = json.loads((run_dir / "config.json").read_text())
-    if cfg["task"] != "srcd":
-        raise ValueError(f"routing_breakdown: SRCD runs only, {run_dir} is a {cfg['task']!r} run")
-    args = argparse.Namespace(**{k: v for k, v in cfg.items() if k != "model"})
-    model = CRAMModel(CRAMConfig(**cfg["model"]))
-    model.load_state_dict(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["model"])
-    model.eval()
-    task = train.make_task(args)
-    batch = task.batch(examples, train.EVAL_SEED + args.seed, torch.device("cpu"))
+    model, cfg = load_run(run_dir)
+    if cfg["task"] not in ("srcd", "mqar"):
+        raise ValueError(f"routing_breakdown: SRCD and MQAR runs only, {run_dir} is a {cfg['task']!r} run")
+    args = argparse.Namespace(**{k: v for k, v in cfg.items() if k not in ("model", "model_config")})
+    task = tasks.make_task(args)
+    batch = task.eval_batch(examples, args.seed, torch.device("cpu"))
     with torch.no_grad():
         task.forward(model, batch)
-    mask = model.routed_attention_layers()[0].last_mask
 
     query = batch["labels"] != IGNORE
-    store = batch["inputs"][..., args.obs_dim + STORE] == 1  # the event one-hot follows the observation
-    after_query = torch.zeros_like(query)
-    after_query[:, 1:] |= query[:, :-1]
-    after_query[:, 2:] |= query[:, :-2]
-    after_query &= ~query & ~store
-    kinds = {
-        "novel_query": query & ~batch["recurring"],
-        "recurring_query": batch["recurring"],
-        "store": store,
-        "after_query": after_query,
-        "other": ~query & ~store & ~after_query,
-    }
-    n = mask.shape[0]
-    out = {"utilization": mask.float().mean().item(), "examples": n}
-    for name, sel in kinds.items():
-        count = sel.sum().item()
-        out[name] = {
-            "tokens_per_seq": count / n,
-            "routed_fraction": (mask & sel).sum().item() / max(count, 1),
-            "routed_per_seq": (mask & sel).sum().item() / n,
-        }
-    return out
+    if cfg["task"] == "srcd":
+        store = batch["inputs"][..., args.obs_dim + STORE] == 1  # the event one-hot follows the observation
+        after_query = torch.zeros_like(query)
+        after_query[:, 1:] |= query[:, :-1]
+        after_query[:, 2:] |= query[:, :-2]
+        after_query &= ~query & ~store
+        kinds = {"novel_query": query & ~batch["recurring"], "recurring_query": batch["recurring"], "store": store,
+                 "after_query": after_query, "other": ~query & ~store & ~after_query}
+    else:  # MQAR: the context's keys and values, then queries among filler tokens
+        pos = torch.arange(query.shape[1]).expand_as(query)
+        context = pos < 2 * args.num_kv_pairs
+        kinds = {"novel_query": query & ~batch["recurring"], "recurring_query": batch["recurring"],
+                 "context_key": context & (pos % 2 == 0), "context_value": context & (pos % 2 == 1),
+                 "other": ~context & ~query}
+
+    def breakdown(mask):
+        n = mask.shape[0]
+        out = {"utilization": mask.float().mean().item(), "examples": n}
+        for name, sel in kinds.items():
+            count = sel.sum().item()
+            out[name] = {"tokens_per_seq": count / n, "routed_fraction": (mask & sel).sum().item() / max(count, 1),
+                         "routed_per_seq": (mask & sel).sum().item() / n}
+        return out
+
+    layers = [breakdown(m.last_mask) for m in model.routed_attention_layers()]
+    if not layers:
+        raise ValueError(f"routing_breakdown: {run_dir} has no routed attention layers")
+    return {**layers[0], "layers": layers}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--routing", action="store_true", help="print the routing breakdown (SRCD) instead of plotting")
+    p.add_argument("--routing", action="store_true",
+                   help="print the routing breakdown (SRCD, MQAR) instead of plotting")
     args = p.parse_args(argv)
     if args.routing:
         print(json.dumps(routing_breakdown(args.run_dir), indent=1))

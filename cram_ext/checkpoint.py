@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ KEYS = ("format", "model", "optimizer", "step", "wall_s", "rng_cpu", "rng_cuda")
 # and how often it evaluates or saves. --steps may grow; the learning-rate schedule then
 # follows the new total from the resumed step on (a warning says so).
 RESUMABLE = {"resume", "force", "out", "device", "no_progress", "log_every", "eval_every", "ckpt_every",
-             "eval_examples", "transfer", "threads", "steps"}
+             "eval_examples", "transfer", "threads", "steps", "keep_checkpoints"}
 
 
 class RunError(ValueError):
@@ -40,6 +41,13 @@ def save(path: Path, state: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def copy(src: Path, dst: Path) -> None:
+    """Copy a checkpoint, atomically like `save`."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def load(path: Path, map_location: torch.device | str) -> dict[str, Any]:
@@ -93,3 +101,19 @@ def prepare_run_folder(out: Path, args: dict[str, Any], resume: bool, force: boo
     for name in ("checkpoint.pt", "checkpoint.pt.tmp", "summary.json"):
         (out / name).unlink(missing_ok=True)
     return None
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained model of a `python -m cram_ext.train` run folder, rebuilt from its
+    config.json and loaded from its checkpoint.pt, in eval mode; and the run's config."""
+    from .models import CRAMConfig, CRAMModel, TransformerConfig, TransformerLM
+
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    model_config = config.get("model_config", config.get("model"))  # older runs: "model"
+    if config.get("model") == "transformer":
+        model: torch.nn.Module = TransformerLM(TransformerConfig(**model_config))
+    else:
+        model = CRAMModel(CRAMConfig(**model_config))
+    model.load_state_dict(load(run_dir / "checkpoint.pt", map_location="cpu")["model"])
+    return model.to(device).eval(), config

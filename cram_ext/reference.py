@@ -1,6 +1,6 @@
 """Plain-PyTorch references of the cram ops, written to be read, not to be fast.
 
-Each function computes exactly what DESIGN §2 defines, in the accumulation dtype
+Each function computes exactly what docs/design.md §2 defines, in the accumulation dtype
 (float32, or float64 for float64 inputs), and is differentiable by ordinary
 autograd. Tests compare the fused ops with these on fresh random inputs.
 """

@@ -1,17 +1,19 @@
-"""Train a small CRAM model on SRCD or MQAR and watch attention use fall.
+"""Train a small model with routed attention on SRCD, MQAR or real text, and watch attention use fall.
 
-    python -m cram_ext.train [--task srcd|mqar] [--device auto|cpu|cuda] [--out DIR]
-                             [--routing learned|dense|static|none] [--budget 0.02] [--steps N] ...
+    python -m cram_ext.train [--task srcd|mqar|lm] [--model cram|transformer] [--device auto|cpu|cuda]
+                             [--routing learned|dense|static|none] [--out DIR] [--steps N] ...
 
 Writes DIR/config.json, DIR/metrics.jsonl (one record per logged step: step, loss,
-utilization, attn_flop_fraction, ...; evaluation steps add retrieval_acc,
-retrieval_acc_novel, retrieval_acc_recurring, eval_utilization, ...), DIR/checkpoint.pt
+utilization, attn_flop_fraction, ...; evaluation steps add the task's quality metrics
+(retrieval accuracy, or validation bits per byte) and eval_utilization), DIR/checkpoint.pt
 (every --ckpt-every steps and at the end; --resume continues from it exactly), and at the
 end DIR/summary.json and DIR/utilization.png. docs/results.md says what the numbers mean.
 
-Routing baselines (same model, same data): dense (every token attends), static
-(Mixture-of-Depths-style top-k of the router score at a fixed --budget), none (no
-attention: the semantic MLP everywhere). The default, learned, is CRAM's router.
+Models: cram (blocks of working memory, routed attention and an MLP) or transformer (a plain
+GPT-style model, attention --attention routed or sdpa). Routing baselines (same model, same
+data): dense (every token attends), static (Mixture-of-Depths-style top-k of the router
+score at a fixed --budget), none (no attention: the semantic MLP everywhere). The default,
+learned, is CRAM's router.
 """
 
 from __future__ import annotations
@@ -27,234 +29,72 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import nn
 
 from . import analysis, checkpoint
-from .data import IGNORE, mqar, srcd, srcd_input_dim
-from .models import CRAMConfig, CRAMModel
+from .models import CRAMConfig, CRAMModel, TransformerConfig, TransformerLM
 from .nn import aux_losses
+from .tasks import Task, autocast, make_task, routing_stats, transfer_variant
 
-EVAL_SEED = 1_000_000_007  # evaluation examples come from seeds no training step uses
 ROUTING = {"learned": "learned", "dense": "dense", "static": "topk", "none": "none"}
-
-
-# ----------------------------------------------------------------------------- tasks
-
-
-def to_device(batch: Any, device: torch.device) -> dict[str, Tensor]:
-    """The tensor fields of a task's batch dataclass, moved to device. On CUDA through pinned
-    memory without blocking, so that the host does not wait for the GPU at every field."""
-    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-    if device.type != "cuda":
-        return {k: v.to(device) for k, v in fields.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in fields.items()}
-
-
-class SRCDTask:
-    """Sparse retrieval in continuous dynamics (docs/tasks.md): the model reads the input
-    channels and predicts the next observation and, at query steps, the value."""
-
-    def __init__(self, args: argparse.Namespace, **variant: Any) -> None:
-        self.kw = dict(
-            seq_len=args.seq_len, obs_dim=args.obs_dim, num_keys=args.num_keys, num_values=args.num_values,
-            num_stores=args.num_stores, num_queries=args.num_queries, recurring_frac=args.recurring_frac,
-            num_recurring_pairs=args.num_recurring_pairs, table_seed=args.table_seed,
-        )
-        self.kw.update(variant)
-        self.mse_weight = args.mse_weight
-
-    def model_config(self) -> dict:
-        kw = self.kw
-        return {"input_dim": srcd_input_dim(kw["obs_dim"], kw["num_keys"], kw["num_values"]),
-                "output_dim": kw["obs_dim"] + kw["num_values"]}
-
-    def batch(self, n: int, seed: int, device: torch.device) -> dict[str, Tensor]:
-        return to_device(srcd(n, seed=seed, **self.kw), device)
-
-    def forward(self, model: CRAMModel, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        out = model(batch["inputs"], batch["dt"]).float()
-        d = self.kw["obs_dim"]
-        return out[..., d:], out[..., :d]  # value logits, next-observation prediction
-
-    def loss(self, logits: Tensor, pred: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        ce = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
-        sq, count = self.squared_error(pred, batch)
-        mse = sq / count.clamp_min(1)
-        return ce + self.mse_weight * mse, {"ce": ce.detach(), "mse": mse.detach()}
-
-    @staticmethod
-    def squared_error(pred: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Sum of the next-observation squared errors over the steps that have a target, and
-        the number of terms summed."""
-        m = batch["target_mask"].unsqueeze(-1).float()
-        return ((pred - batch["targets"]).pow(2) * m).sum(), m.sum() * pred.shape[-1]
-
-
-class MQARTask:
-    """Multi-query associative recall, with recurring pairs (docs/tasks.md)."""
-
-    def __init__(self, args: argparse.Namespace, **variant: Any) -> None:
-        self.kw = dict(
-            seq_len=args.seq_len, num_kv_pairs=args.num_kv_pairs, vocab_size=args.vocab_size,
-            recurring_frac=args.recurring_frac, num_recurring_pairs=args.num_recurring_pairs, table_seed=args.table_seed,
-        )
-        self.kw.update(variant)
-
-    def model_config(self) -> dict:
-        return {"vocab_size": self.kw["vocab_size"]}
-
-    def batch(self, n: int, seed: int, device: torch.device) -> dict[str, Tensor]:
-        return to_device(mqar(n, seed=seed, **self.kw), device)
-
-    def forward(self, model: CRAMModel, batch: dict[str, Tensor]) -> tuple[Tensor, None]:
-        return model(batch["inputs"]).float(), None
-
-    def loss(self, logits: Tensor, pred: None, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        ce = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
-        return ce, {"ce": ce.detach()}
-
-
-def make_task(args: argparse.Namespace, **variant: Any) -> SRCDTask | MQARTask:
-    return SRCDTask(args, **variant) if args.task == "srcd" else MQARTask(args, **variant)
-
-
-def transfer_variant(args: argparse.Namespace) -> dict[str, Any]:
-    """An unseen variant of the task for the transfer evaluation. SRCD: twice the
-    sequence length, stores and queries, and faster, less damped dynamics. MQAR: twice
-    the key-value pairs (as far as the sequence holds them; the vocabulary is the model's)."""
-    if args.task == "srcd":
-        return {"seq_len": 2 * args.seq_len, "num_stores": 2 * args.num_stores, "num_queries": 2 * args.num_queries,
-                "freq_range": (3.0, 6.0), "damping_range": (0.005, 0.02)}
-    return {"num_kv_pairs": min(2 * args.num_kv_pairs, args.seq_len // 4)}
-
-
-# ------------------------------------------------------------------------ helpers
-
-
-def layer_stats(model: CRAMModel) -> tuple[list[Tensor], list[Tensor]]:
-    layers = model.routed_attention_layers()
-    return [m.last_stats["utilization"] for m in layers], [m.last_stats["attn_flop_fraction"] for m in layers]
-
-
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-@torch.no_grad()
-def evaluate(model: CRAMModel, task, batch: dict[str, Tensor], device: torch.device, chunk: int = 128) -> dict:
-    """Retrieval accuracy (all, novel, recurring queries), utilization and attention FLOP
-    fraction in eval mode (no exploration), and the next-observation MSE for SRCD."""
-    was_training = model.training
-    model.eval()
-    n = batch["inputs"].shape[0]
-    correct, is_query, util, flops, sq, cnt = [], [], [], [], [], []
-    for i in range(0, n, chunk):
-        part = {k: v[i : i + chunk] for k, v in batch.items()}
-        with autocast(device):
-            logits, pred = task.forward(model, part)
-        q = part["labels"] != IGNORE
-        correct.append((logits.argmax(-1) == part["labels"])[q])
-        is_query.append(part["recurring"][q])
-        u, f = layer_stats(model)
-        w = part["inputs"].shape[0] / n
-        util.append(torch.stack(u) * w)
-        flops.append(torch.stack(f) * w)
-        if pred is not None:
-            s, c = task.squared_error(pred, part)
-            sq.append(s)
-            cnt.append(c)
-    model.train(was_training)
-    correct, recurring = torch.cat(correct).float(), torch.cat(is_query)
-    per_layer = torch.stack(util).sum(0)
-    out = {
-        "retrieval_acc": float(correct.mean()),
-        "retrieval_acc_novel": float(correct[~recurring].mean()) if (~recurring).any() else None,
-        "retrieval_acc_recurring": float(correct[recurring].mean()) if recurring.any() else None,
-        "eval_utilization": float(per_layer.mean()),
-        "eval_utilization_per_layer": [round(float(u), 6) for u in per_layer],
-        "eval_attn_flop_fraction": float(torch.stack(flops).sum(0).mean()),
-    }
-    if cnt:
-        out["eval_mse"] = float(torch.stack(sq).sum() / torch.stack(cnt).sum())
-    return out
-
-
-def save_checkpoint(path: Path, model, optimizer, step: int, wall_s: float) -> None:
-    checkpoint.save(path, {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "wall_s": wall_s,
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    })
-
-
-def set_router_trainable(model: CRAMModel, trainable: bool) -> None:
-    for m in model.routed_attention_layers():
-        m.router_weight.requires_grad_(trainable)
-        m.router_bias.requires_grad_(trainable)
-
-
-def lr_at(step: int, args: argparse.Namespace) -> float:
-    """Linear warm-up over --warmup steps, then cosine decay to --min-lr-ratio x --lr at the
-    last step (the routing settles while the learning rate is small)."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-# --------------------------------------------------------------------------- train
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cram_ext.train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", choices=["srcd", "mqar"], default="srcd")
+    p.add_argument("--task", choices=["srcd", "mqar", "lm"], default="srcd")
+    p.add_argument("--model", choices=["cram", "transformer"], default="cram",
+                   help="cram: working memory + routed attention + MLP blocks; transformer: a plain GPT")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads of torch (small models run fastest on one; 0: torch's default)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<task>-<routing>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUT from its checkpoint.pt (exactly, with the run's own arguments)")
     p.add_argument("--force", action="store_true", help="replace the run already in OUT")
     p.add_argument("--routing", choices=list(ROUTING), default="learned")
     p.add_argument("--budget", type=float, default=0.0625, help="fraction of tokens --routing static routes")
-    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--steps", type=int, default=5000, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--min-lr-ratio", type=float, default=0.02)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup", type=int, default=50, help="steps of linear learning-rate warm-up")
+    p.add_argument("--min-lr-ratio", type=float, default=0.02, help="final learning rate / --lr (cosine decay)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-examples", type=int, default=512)
-    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=10, help="steps between training-metric records")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
+    p.add_argument("--eval-examples", type=int, default=512, help="held-out examples of each evaluation")
+    p.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="also keep each checkpoint as checkpoint-<step>.pt (for python -m cram_ext.probe)")
     p.add_argument("--transfer", action=argparse.BooleanOptionalAction, default=True,
-                   help="at the end, evaluate on an unseen task variant (no retraining)")
+                   help="at the end, evaluate on an unseen task variant (no retraining; SRCD and MQAR)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs only)")
     m = p.add_argument_group("model")
     m.add_argument("--d-model", type=int, default=64)
     m.add_argument("--layers", type=int, default=1)
     m.add_argument("--heads", type=int, default=4)
+    m.add_argument("--attention", choices=["routed", "sdpa"], default="routed",
+                   help="--model transformer: RoutedAttention or dense scaled_dot_product_attention")
     m.add_argument("--threshold", type=float, default=0.3,
                    help="a token is routed when the router's probability exceeds this; below 0.5, a "
                         "token the router is unsure of still goes to attention")
-    m.add_argument("--explore", type=float, default=0.02)
-    m.add_argument("--tol", type=float, default=0.3)
+    m.add_argument("--explore", type=float, default=0.02, help="fraction of tokens force-routed in training")
+    m.add_argument("--target", choices=["predict", "loss"], default="predict",
+                   help="what the router learns (RoutedAttention's target)")
+    m.add_argument("--tol", type=float, default=0.3, help="target predict: the semantic memory's relative error")
+    m.add_argument("--probe", type=float, default=0.05, help="target loss: fraction of probe tokens")
+    m.add_argument("--loss-tol", type=float, default=0.01, help="target loss: nats per token")
+    m.add_argument("--memory", action="store_true", help="the router and semantic memory read a gated scan too")
     m.add_argument("--router-bias-init", type=float, default=3.0)
-    m.add_argument("--router-lr-scale", type=float, default=1.0,
-                   help="the router's learning rate relative to --lr")
+    m.add_argument("--router-lr-scale", type=float, default=1.0, help="the router's learning rate relative to --lr")
     m.add_argument("--router-warmup", type=int, default=1000,
                    help="steps with the router frozen (everything routed) while attention learns to retrieve")
     t = p.add_argument_group("task")
     t.add_argument("--seq-len", type=int, default=64)
-    t.add_argument("--recurring-frac", type=float, default=0.5)
-    t.add_argument("--num-recurring-pairs", type=int, default=16)
-    t.add_argument("--table-seed", type=int, default=1234)
+    t.add_argument("--recurring-frac", type=float, default=0.5, help="SRCD, MQAR: fraction of recurring pairs")
+    t.add_argument("--num-recurring-pairs", type=int, default=16, help="SRCD, MQAR: size of the fixed table")
+    t.add_argument("--table-seed", type=int, default=1234, help="SRCD, MQAR: seed of the fixed table")
     t.add_argument("--obs-dim", type=int, default=4, help="SRCD")
     t.add_argument("--num-keys", type=int, default=64, help="SRCD")
     t.add_argument("--num-values", type=int, default=16, help="SRCD")
@@ -266,97 +106,153 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse what cannot run, before anything is built or written."""
+    positive = ("steps", "batch_size", "log_every", "eval_every", "eval_examples", "ckpt_every", "seq_len",
+                "d_model", "layers", "heads")
+    bad = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in positive if getattr(args, k) <= 0]
+    if bad:
+        raise checkpoint.RunError(f"these must be positive: {', '.join(bad)}")
+    if args.task == "srcd" and args.model != "cram":
+        raise checkpoint.RunError("--task srcd has continuous inputs: it needs --model cram")
+    if args.attention == "sdpa" and (args.model != "transformer" or args.routing != "learned"):
+        raise checkpoint.RunError("--attention sdpa is the dense transformer: use it with --model transformer only")
+    if args.routing == "learned" and args.attention == "routed" and args.router_warmup >= args.steps:
+        print(f"warning: --router-warmup {args.router_warmup} >= --steps {args.steps}: the router never trains "
+              "and every token stays routed", file=sys.stderr)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
+        raise checkpoint.RunError("--device cuda: no CUDA device is visible")
     return torch.device(name)
+
+
+def build_model(args: argparse.Namespace, task: Task) -> tuple[nn.Module, dict]:
+    """The model the arguments describe, and its config (as config.json records it)."""
+    routed = dict(threshold=args.threshold, explore=args.explore if args.routing == "learned" else 0.0,
+                  tol=args.tol, router_bias_init=args.router_bias_init, routing=ROUTING[args.routing],
+                  budget=args.budget, target=args.target, probe=args.probe, loss_tol=args.loss_tol,
+                  memory=args.memory)
+    shape = task.model_config()
+    if args.model == "cram":
+        cfg = CRAMConfig(d_model=args.d_model, n_layers=args.layers, num_heads=args.heads,
+                         **{k: v for k, v in shape.items() if k != "max_len"}, **routed)
+        return CRAMModel(cfg), dataclasses.asdict(cfg)
+    tcfg = TransformerConfig(d_model=args.d_model, n_layers=args.layers, num_heads=args.heads,
+                             attention=args.attention, routed=routed, **shape)
+    return TransformerLM(tcfg), dataclasses.asdict(tcfg)
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW; the routers' parameters in their own group (--router-lr-scale)."""
+    router = {id(p) for m in model.routed_attention_layers() for p in (m.router_weight, m.router_bias)}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in router], "lr_scale": 1.0},
+              {"params": [p for p in model.parameters() if id(p) in router], "lr_scale": args.router_lr_scale}]
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up over --warmup steps, then cosine decay to --min-lr-ratio x --lr at the
+    last step (the routing settles while the learning rate is small)."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, wall_s: float) -> None:
+    checkpoint.save(path, {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "wall_s": wall_s,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    })
+
+
+def restore(out: Path, args, model, optimizer) -> tuple[int, float]:
+    """Prepare OUT for this run; on --resume load its checkpoint. Returns (first step, wall
+    seconds already spent)."""
+    config = {**vars(args), "out": str(out)}
+    resume_from = checkpoint.prepare_run_folder(out, config, args.resume, args.force)
+    metrics = out / "metrics.jsonl"
+    if resume_from is None:
+        metrics.write_text("")
+        return 0, 0.0
+    # On the CPU: the RNG states must stay there; load_state_dict moves the rest.
+    state = checkpoint.load(resume_from, map_location="cpu")
+    saved_steps = json.loads((out / "config.json").read_text()).get("steps")
+    if saved_steps is not None and saved_steps != args.steps:
+        print(f"--resume: --steps changed from {saved_steps} to {args.steps}: the learning-rate schedule follows "
+              f"the new total from step {state['step'] + 1} on", file=sys.stderr)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    start = state["step"] + 1
+    # Drop what was logged after the checkpoint: those steps run again.
+    kept = [r for r in analysis.read_metrics(out) if r["step"] < start] if metrics.exists() else []
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return start, state["wall_s"]
 
 
 def run(args: argparse.Namespace) -> dict:
     """Train as args say; returns the summary (also written to OUT/summary.json)."""
+    check_args(args)
     device = resolve_device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     out = args.out or Path("runs") / f"{args.task}-{args.routing}"
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     task = make_task(args)
-    cfg = CRAMConfig(
-        d_model=args.d_model, n_layers=args.layers, num_heads=args.heads, threshold=args.threshold,
-        explore=args.explore if args.routing == "learned" else 0.0, tol=args.tol,
-        router_bias_init=args.router_bias_init, routing=ROUTING[args.routing], budget=args.budget,
-        **task.model_config(),
-    )
-    model = CRAMModel(cfg).to(device)
-    router = {id(p) for m in model.routed_attention_layers() for p in (m.router_weight, m.router_bias)}
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in model.parameters() if id(p) not in router], "lr_scale": 1.0},
-         {"params": [p for p in model.parameters() if id(p) in router], "lr_scale": args.router_lr_scale}],
-        lr=args.lr, weight_decay=args.weight_decay)
-    eval_batch = task.batch(args.eval_examples, EVAL_SEED + args.seed, device)
-
-    metrics_path, ckpt_path = out / "metrics.jsonl", out / "checkpoint.pt"
-    config = {**vars(args), "out": str(out), "device": str(device), "model": dataclasses.asdict(cfg)}
-    start, wall_before = 0, 0.0
-    resume_from = checkpoint.prepare_run_folder(out, {k: v for k, v in config.items() if k != "model"},
-                                                args.resume, args.force)
-    if resume_from is not None:
-        # On the CPU: the RNG states must stay there; load_state_dict moves the rest.
-        state = checkpoint.load(resume_from, map_location="cpu")
-        saved_steps = json.loads((out / "config.json").read_text()).get("steps")
-        if saved_steps is not None and saved_steps != args.steps:
-            print(f"--resume: --steps changed from {saved_steps} to {args.steps}: the learning-rate schedule "
-                  f"follows the new total from step {state['step'] + 1} on", file=sys.stderr)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        start, wall_before = state["step"] + 1, state["wall_s"]
-        # Drop what was logged after the checkpoint: those steps run again.
-        kept = [r for r in analysis.read_metrics(out) if r["step"] < start] if metrics_path.exists() else []
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    else:
-        metrics_path.write_text("")
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-
+    model, model_cfg = build_model(args, task)
+    model.to(device)
+    optimizer = make_optimizer(model, args)
+    start, wall_before = restore(out, args, model, optimizer)
+    meta = getattr(getattr(task, "corpus", None), "meta", None)  # the text corpus (its Python version)
+    (out / "config.json").write_text(json.dumps({**vars(args), "out": str(out), "resolved_device": str(device),
+                                                 "model_config": model_cfg, "data": meta}, indent=2, default=str))
+    eval_batch = task.eval_batch(args.eval_examples, args.seed, device)
+    routers = [p for m in model.routed_attention_layers() for p in (m.router_weight, m.router_bias)]
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
 
         progress = tqdm(total=args.steps, initial=start, desc=f"{args.task}/{args.routing}", file=sys.stdout,
                         dynamic_ncols=True)
+    quality = task.quality[0]
     t0 = time.perf_counter()
-    last_eval: dict = {}
     model.train()
-    with open(metrics_path, "a") as log:
+    with open(out / "metrics.jsonl", "a") as log:
         for step in range(start, args.steps + 1):
             record: dict[str, Any] = {}
             if step % args.eval_every == 0 or step == args.steps:
-                last_eval = evaluate(model, task, eval_batch, device)
-                record.update(last_eval)
+                record.update(task.evaluate(model, eval_batch, device))
             if step == args.steps:  # the final evaluation; no update
-                record["step"] = step
-                record["wall_s"] = wall_before + time.perf_counter() - t0
-                log.write(json.dumps(record) + "\n")
+                log.write(json.dumps({**record, "step": step, "wall_s": wall_before + time.perf_counter() - t0}) + "\n")
                 break
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args) * group["lr_scale"]
-            set_router_trainable(model, step >= args.router_warmup)
+            for p in routers:
+                p.requires_grad_(step >= args.router_warmup)
             batch = task.batch(args.batch_size, args.seed * 1_000_003 + step, device)
             with autocast(device):
-                logits, pred = task.forward(model, batch)
-            loss, parts = task.loss(logits, pred, batch)
+                out_, pred = task.forward(model, batch)
+            loss, parts = task.loss(out_, pred, batch)
             aux = aux_losses(model)
             optimizer.zero_grad(set_to_none=True)
             (loss + aux).backward()
             optimizer.step()
 
             if step % args.log_every == 0 or record:
-                u, f = layer_stats(model)
+                u, f = routing_stats(model)
+                ones = torch.ones((), device=device)
                 # One device-to-host copy for every logged number.
-                values = torch.stack([loss.detach().float(), aux.detach().float(), torch.stack(u).mean(),
-                                      torch.stack(f).mean(), *(v.float() for v in parts.values())]).tolist()
+                values = torch.stack([loss.detach().float(), aux.detach().float(), torch.stack(u).mean() if u else ones,
+                                      torch.stack(f).mean() if f else ones, *(v.float() for v in parts.values())]).tolist()
                 loss_v, aux_v, util_v, flop_v, *part_v = values
                 record.update(step=step, loss=loss_v, aux_loss=aux_v, utilization=util_v, attn_flop_fraction=flop_v,
                               lr=lr_at(step, args), wall_s=wall_before + time.perf_counter() - t0,
@@ -364,51 +260,47 @@ def run(args: argparse.Namespace) -> dict:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if progress is not None:
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{last_eval.get('retrieval_acc', 0):.3f}",
-                                         util=f"{record['utilization']:.3f}", refresh=False)
+                    progress.set_postfix(loss=f"{loss_v:.3f}", util=f"{util_v:.3f}", refresh=False)
             if (step + 1) % args.ckpt_every == 0:
-                save_checkpoint(ckpt_path, model, optimizer, step, wall_before + time.perf_counter() - t0)
+                save_checkpoint(out / "checkpoint.pt", model, optimizer, step, wall_before + time.perf_counter() - t0)
+                if args.keep_checkpoints:
+                    checkpoint.copy(out / "checkpoint.pt", out / f"checkpoint-{step + 1}.pt")
             if progress is not None:
                 progress.update(1)
     if progress is not None:
         progress.close()
     wall_s = wall_before + time.perf_counter() - t0
-    save_checkpoint(ckpt_path, model, optimizer, args.steps - 1, wall_s)
+    save_checkpoint(out / "checkpoint.pt", model, optimizer, args.steps - 1, wall_s)
 
-    summary = summarize(out, args, wall_s)
-    if args.transfer:
-        variant = make_task(args, **transfer_variant(args))
-        summary["transfer"] = {"variant": transfer_variant(args),
-                               **evaluate(model, variant, variant.batch(args.eval_examples, EVAL_SEED + 1, device), device)}
+    summary = summarize(out, args, quality, wall_s)
+    variant = transfer_variant(args) if args.transfer else None
+    if variant is not None:
+        vtask = make_task(args, **variant)
+        summary["transfer"] = {"variant": variant,
+                               **vtask.evaluate(model, vtask.eval_batch(args.eval_examples, 1, device), device)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     try:
-        analysis.plot_run(out, title=f"{args.task}, routing {args.routing}")
+        analysis.plot_run(out, title=f"{args.task}, {args.model}, routing {args.routing}")
     except ImportError:  # matplotlib is optional
         print("matplotlib is not installed: no utilization.png")
     return summary
 
 
-def summarize(out: Path, args: argparse.Namespace, wall_s: float) -> dict:
+def summarize(out: Path, args: argparse.Namespace, quality: str, wall_s: float) -> dict:
     records = analysis.read_metrics(out)
-    last = [r for r in records if "retrieval_acc" in r][-1]
+    last = [r for r in records if "eval_utilization" in r][-1]
     steps, util, _ = analysis.eval_curve(records)
     t, fit = analysis.fit_curve(steps, util)
     u0, u1 = util[0], util[-1]
+    quality_keys = ("retrieval_acc", "retrieval_acc_novel", "retrieval_acc_recurring", "eval_mse", "eval_bpb")
     return {
-        "task": args.task,
-        "routing": args.routing,
-        "steps": args.steps,
-        "utilization_start": u0,
-        "utilization_end": u1,
-        "reduction": u0 / u1 if u1 > 0 else math.inf,
-        "attn_flop_fraction_end": last["eval_attn_flop_fraction"],
-        "retrieval_acc": last["retrieval_acc"],
-        "retrieval_acc_novel": last["retrieval_acc_novel"],
-        "retrieval_acc_recurring": last["retrieval_acc_recurring"],
-        "eval_mse": last.get("eval_mse"),
-        "gamma": fit[0] if fit else None,
-        "transition_step": t,
-        "wall_s": wall_s,
+        "task": args.task, "model": args.model, "routing": args.routing, "steps": args.steps,
+        "utilization_start": u0, "utilization_end": u1, "reduction": u0 / u1 if u1 > 0 else math.inf,
+        "attn_flop_fraction_end": last["eval_attn_flop_fraction"], "quality": quality,
+        **{k: last[k] for k in quality_keys if k in last},
+        "gamma": fit.gamma if fit else None, "gamma_ci95": fit.gamma_ci95 if fit else None,
+        "gamma_fit_r2": fit.r2 if fit else None, "gamma_fit_poor": fit.poor if fit else None,
+        "transition_step": t, "wall_s": wall_s,
     }
 
 
@@ -419,13 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     except checkpoint.RunError as e:
         print(f"python -m cram_ext.train: error: {e}", file=sys.stderr)
         return 2
-    acc = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    print(f"utilization {s['utilization_start']:.4f} -> {s['utilization_end']:.4f} "
-          f"({s['reduction']:.1f}x reduction); retrieval accuracy {acc(s['retrieval_acc'])} "
-          f"(novel {acc(s['retrieval_acc_novel'])}, recurring {acc(s['retrieval_acc_recurring'])}); "
-          f"{s['wall_s']:.0f} s; summary in {(args.out or Path('runs') / f'{args.task}-{args.routing}') / 'summary.json'}")
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    result = (f"validation {s['eval_bpb']:.3f} bits per byte" if "eval_bpb" in s else
+              f"retrieval accuracy {pct(s['retrieval_acc'])} (novel {pct(s.get('retrieval_acc_novel'))}, "
+              f"recurring {pct(s.get('retrieval_acc_recurring'))})")
+    out = args.out or Path("runs") / f"{args.task}-{args.routing}"
+    print(f"utilization {s['utilization_start']:.4f} -> {s['utilization_end']:.4f} ({s['reduction']:.1f}x reduction); "
+          f"{result}; {s['wall_s']:.0f} s; summary in {out / 'summary.json'}")
     return 0
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     raise SystemExit(main())

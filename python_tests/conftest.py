@@ -2,7 +2,7 @@
 
 Every test that touches tensors takes a `device` ("cpu" always, "cuda" skipped when
 torch.cuda.is_available() is False), so the same files test the CUDA kernels on a
-GPU machine. Dtypes and head dims depend on the device (DESIGN §2): the helpers
+GPU machine. Dtypes and head dims depend on the device (docs/design.md §2): the helpers
 below build the (device, dtype[, head dim]) parameter lists.
 
 Inputs are random and differ per test, but are reproducible: each test is seeded
@@ -36,7 +36,7 @@ def cuda_only(*values, id=None):
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=CUDA_SKIP)]
 
-# Dtypes each op supports per device (DESIGN §2).
+# Dtypes each op supports per device (docs/design.md §2).
 SCAN_DTYPES = {
     "cpu": [torch.float64, torch.float32, torch.float16, torch.bfloat16],
     "cuda": [torch.float32, torch.float16, torch.bfloat16],
@@ -49,7 +49,7 @@ ATTN_DTYPES = {
 ATTN_HEAD_DIMS = {"cpu": [16], "cuda": [64, 128]}
 
 
-# Relative-error bounds ||out - ref|| / ||ref|| (DESIGN §5). float64 is compared with a
+# Relative-error bounds ||out - ref|| / ||ref|| (docs/design.md §5). float64 is compared with a
 # float64 reference; the others with the reference run in float32 on the same inputs.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 
@@ -130,7 +130,7 @@ def poison_allocator(device: str, nbytes: int = 1 << 24) -> None:
 
 
 def route_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index, counts) of a (B, T) bool mask, built like DESIGN §2 says (independent of the op)."""
+    """(index, counts) of a (B, T) bool mask, built like docs/design.md §2 says (independent of the op)."""
     B, T = mask.shape
     counts = mask.sum(dim=1, dtype=torch.int32)
     positions = torch.arange(T, device=mask.device).expand(B, T)

@@ -18,7 +18,7 @@ the same space:
   match, but the op must not crash or touch memory out of bounds (see cuda_fuzz.py).
 
 Every check compares with `cram_ext.reference` run on the CPU from the same (rounded)
-inputs, in float64 for float64 inputs and in float32 otherwise (DESIGN §5), within its
+inputs, in float64 for float64 inputs and in float32 otherwise (docs/design.md §5), within its
 relative-error bounds, and raises AssertionError naming what differed.
 """
 
@@ -167,7 +167,7 @@ def make_grad(shape, layout, dtype, device, gen, expand_dim=0):
 
 
 def as_ref(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The reference's leaf: the input's values in the reference's dtype (DESIGN §5: float64
+    """The reference's leaf: the input's values in the reference's dtype (docs/design.md §5: float64
     for float64 inputs, float32 otherwise), on the CPU."""
     return values.to(dtype).requires_grad_()
 

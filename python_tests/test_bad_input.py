@@ -1,5 +1,5 @@
 """Bad input: every argument check raises the documented exception naming the argument
-(DESIGN §2), check_route rejects each kind of malformed routing, and a malformed routing
+(docs/design.md §2), check_route rejects each kind of malformed routing, and a malformed routing
 passed straight to routed_attention never crashes (set_debug(True) rejects it first).
 
 Each case is a function of the device that returns (op, args); the matrix runs on every

@@ -1,5 +1,5 @@
 """The ops under torch.compile(fullgraph=True): route -> routed_attention -> gated_scan,
-forward and backward, match eager (DESIGN §2: no host sync, no data-dependent shapes).
+forward and backward, match eager (docs/design.md §2: no host sync, no data-dependent shapes).
 Few tests: compiling is slow on a small CPU machine."""
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def test_matches_reference(op, device, data):
 @settings(max_examples=60)
 def test_malformed_routing_is_safe(device, data):
     """Unsorted, out-of-range, duplicated positions, counts outside [0, T]: a wrong answer
-    is allowed (DESIGN §2), an exception or a crash is not (memory safety itself is checked
+    is allowed (docs/design.md §2), an exception or a crash is not (memory safety itself is checked
     on the GPU under compute-sanitizer by cuda_fuzz.py)."""
     case = draw_attention_case(HypothesisDraw(data), device, malformed_rate=1)
     note(str(case))

@@ -1,4 +1,4 @@
-"""cram_ext.gated_scan against cram_ext.reference.gated_scan (DESIGN §2, §5)."""
+"""cram_ext.gated_scan against cram_ext.reference.gated_scan (docs/design.md §2, §5)."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import torch
 from conftest import DEVICES
 
 from cram_ext import CRAMConfig, CRAMModel, aux_losses
+from cram_ext.models import TransformerConfig, TransformerLM
 
 
 def _config(device, **kw):
@@ -53,3 +54,46 @@ def test_config_needs_exactly_one_input_kind():
     with pytest.raises(ValueError, match="exactly one"):
         CRAMConfig(vocab_size=10, input_dim=3)
     assert CRAMConfig(input_dim=4).output_dim == 4
+
+
+def _transformer(device, attention, **kw):
+    d, heads = (32, 4) if device == "cpu" else (128, 2)
+    return TransformerLM(TransformerConfig(vocab_size=61, d_model=d, n_layers=2, num_heads=heads, max_len=40,
+                                           attention=attention, **kw)).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_transformer_routed_at_init_equals_dense(device):
+    """Everything is routed at initialisation, so the routed TransformerLM computes what the
+    dense one does with the same weights (eval, no probes)."""
+    routed, dense = _transformer(device, "routed"), _transformer(device, "sdpa")
+    dense.load_state_dict(routed.state_dict(), strict=False)
+    routed.eval(), dense.eval()
+    tokens = torch.randint(0, 61, (3, 40), device=device)
+    with torch.no_grad():
+        a, b = routed(tokens), dense(tokens)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if device == "cpu" else {"rtol": 3e-2, "atol": 3e-2}
+    torch.testing.assert_close(a, b, **tol)
+    assert all(float(m.last_stats["utilization"]) == 1.0 for m in routed.routed_attention_layers())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("attention", ["routed", "sdpa"])
+def test_transformer_trains_every_parameter(device, attention):
+    model = _transformer(device, attention, routed={"target": "loss"})
+    tokens = torch.randint(0, 61, (2, 33), device=device)
+    for _ in range(2):  # the second step's router loss uses the first step's probe labels
+        logits = model(tokens)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()) + aux_losses(model)
+        model.zero_grad()
+        loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.head.weight is model.embed.weight
+    with pytest.raises(ValueError, match="max_len"):
+        model(torch.zeros(1, 41, dtype=torch.long, device=device))
+
+
+def test_transformer_config_rejects_unknown_attention():
+    with pytest.raises(ValueError, match="attention"):
+        TransformerConfig(vocab_size=10, attention="flash")

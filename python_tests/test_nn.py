@@ -105,10 +105,10 @@ def test_mixed_routing_matches_per_token_choice(device):
     torch.testing.assert_close(y, torch.where(routed, dense, semantic), **_tol(device))
 
 
-def _training_step_inputs(device):
+def _training_step_inputs(device, **kw):
     """A layer in training mode whose router routes some tokens and not others, and an
     input that requires grad."""
-    layer, e = _layer(device)
+    layer, e = _layer(device, **kw)
     with torch.no_grad():
         layer.router_weight.normal_(std=0.5)
         layer.router_bias.fill_(0.2)
@@ -130,13 +130,19 @@ def test_training_losses_reach_every_parameter(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_router_and_semantic_losses_train_only_themselves(device):
-    """The consolidation and router losses reach the router and the semantic MLP, and
-    neither the layer's input nor attention's projections (they read a stop-gradient)."""
-    layer, x = _training_step_inputs(device)
-    layer(x)
+@pytest.mark.parametrize("target, memory", [("predict", False), ("loss", False), ("loss", True)])
+def test_router_and_semantic_losses_train_only_themselves(device, target, memory):
+    """The consolidation and router losses reach the router and the semantic MLP (and the
+    layer's own working memory), and neither the layer's input nor attention's projections
+    (they read a stop-gradient)."""
+    layer, x = _training_step_inputs(device, target=target, memory=memory, probe=0.5)
+    for _ in range(2):  # target="loss": the router learns from the previous step's probes
+        y = layer(x)
+        y.square().sum().backward(inputs=[x])
     untouched = [x, layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight, layer.out_proj.weight]
     trained = [layer.router_weight, layer.router_bias, *layer.semantic.parameters()]
+    if memory:
+        trained += list(layer.memory.parameters())
     grads = torch.autograd.grad(aux_losses(layer), untouched + trained, allow_unused=True)
     assert all(g is None for g in grads[: len(untouched)])
     for g in grads[len(untouched):]:
@@ -206,3 +212,67 @@ def test_bf16_autocast_training_step(device):
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_target_labels_probes_by_the_loss_they_would_gain(device):
+    """target="loss" on a hand-built loss L = sum(c * y): its gradient at the layer's mixed
+    output is c @ W_out, so a probe token's label is known in closed form:
+    needed = -<c W_out, attn - semantic> * B * T > loss_tol. The next step's router loss is
+    the BCE of the router on those labels."""
+    layer, e = _layer(device, target="loss", probe=0.5, loss_tol=0.05)
+    with torch.no_grad():
+        layer.router_weight.normal_(std=0.3)
+    layer.train()
+    B, T = 2, 31
+    x = torch.randn(B, T, e, device=device)
+    c = torch.randn(B, T, e, device=device)
+    y = layer(x)
+    probe = layer.last_probe
+    assert probe is not None and probe.any() and (~probe).any()
+    assert layer.last_mask[probe].all(), "attention must be computed at every probe token"
+    (c * y).sum().backward()
+    with torch.no_grad():
+        z = _z(x)
+        q = layer.q_proj(x).view(B, T, layer.num_heads, -1).transpose(1, 2)
+        k = layer.k_proj(x).view(B, T, layer.num_kv_heads, -1).transpose(1, 2)
+        v = layer.v_proj(x).view(B, T, layer.num_kv_heads, -1).transpose(1, 2)
+        rep = layer.num_heads // layer.num_kv_heads
+        pre = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                             is_causal=True).transpose(1, 2).flatten(2)
+        g = c @ layer.out_proj.weight
+        gain = -((pre - layer.semantic(z)) * g).sum(-1) * B * T
+    z_probe, needed = layer._probe_labels
+    torch.testing.assert_close(z_probe, z[probe])
+    near = (gain[probe] - layer.loss_tol).abs() < 1e-3 * gain.abs().max()  # rounding may flip a tie
+    assert torch.equal(needed[~near], (gain[probe] > layer.loss_tol)[~near])
+    assert needed.any() and (~needed).any()
+    # The next training forward's aux loss holds the router's BCE on these labels.
+    layer.eval()
+    with torch.no_grad():
+        prob = torch.sigmoid(z_probe @ layer.router_weight + layer.router_bias)
+        expected = -(needed * prob.log() + (~needed) * (1 - prob).log()).mean()
+        layer.train()
+        torch.manual_seed(0)
+        layer(x)
+        semantic_only = layer.aux_loss - layer._router_loss_from_probes(z.dtype)
+        assert semantic_only >= 0
+    torch.testing.assert_close(layer._router_loss_from_probes(z.dtype), expected.float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_target_eval_has_no_probes(device):
+    layer, e = _layer(device, target="loss", probe=0.5)
+    x = torch.randn(2, 40, e, device=device)
+    layer.eval()
+    with torch.no_grad():
+        y1, y2 = layer(x), layer(x)
+    assert torch.equal(y1, y2) and layer.last_probe is None
+    assert float(layer.last_stats["utilization"]) == 1.0  # the router still routes everything at init
+
+
+def test_bad_target_and_probe():
+    with pytest.raises(ValueError, match="target"):
+        RoutedAttention(32, num_heads=4, target="usefulness")
+    with pytest.raises(ValueError, match="probe"):
+        RoutedAttention(32, num_heads=4, probe=1.0)

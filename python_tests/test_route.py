@@ -1,4 +1,4 @@
-"""cram_ext.route against cram_ext.reference.route (DESIGN §2, §5).
+"""cram_ext.route against cram_ext.reference.route (docs/design.md §2, §5).
 
 prob is compared in relative error; mask, index and counts must match exactly. A
 probability within 1e-5 of the threshold may legitimately fall either way (the op

@@ -1,4 +1,4 @@
-"""cram_ext.routed_attention against cram_ext.reference.routed_attention (DESIGN §2, §5).
+"""cram_ext.routed_attention against cram_ext.reference.routed_attention (docs/design.md §2, §5).
 
 Besides the relative error of out and of every gradient, each comparison checks the
 rows that were not routed exactly: out is 0 and lse is -inf there (and finite at

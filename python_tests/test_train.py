@@ -116,6 +116,90 @@ def test_power_law_analysis():
     util = [1.0] + [3.0 * s**-0.43 for s in steps[1:]]
     t = analysis.transition_step(steps, util)
     assert t == next(s for s, u in zip(steps, util) if u <= math.sqrt(util[0] * util[-1]))
-    gamma, a = analysis.power_law_fit(steps, util, t)
-    assert gamma == pytest.approx(0.43, rel=1e-9) and a == pytest.approx(3.0, rel=1e-9)
+    fit = analysis.power_law_fit(steps, util, t)
+    assert fit.gamma == pytest.approx(0.43, rel=1e-9) and fit.a == pytest.approx(3.0, rel=1e-9)
+    assert fit.r2 == pytest.approx(1.0) and not fit.poor
+    assert fit.gamma_ci95[0] == pytest.approx(0.43, abs=1e-6) and fit.gamma_ci95[1] == pytest.approx(0.43, abs=1e-6)
+    # Noise around the law widens the interval, which still holds the true exponent; a curve
+    # that is no power law (flat after a drop, then up) is called a poor fit.
+    g = torch.Generator().manual_seed(0)
+    noisy = [u * math.exp(0.1 * torch.randn((), generator=g).item()) for u in util]
+    fit = analysis.power_law_fit(steps, noisy, t)
+    assert fit.gamma_ci95[0] < 0.43 < fit.gamma_ci95[1] and fit.gamma_ci95[1] - fit.gamma_ci95[0] > 0.01
+    assert analysis.power_law_fit(steps, [1.0, 0.1, 0.02, 0.5, 0.02, 0.5, 0.02], 100).poor
     assert analysis.transition_step(steps, [0.5] * len(steps)) is None
+
+
+@pytest.mark.parametrize("attention", ["routed", "sdpa"])
+def test_language_model_task_runs(tmp_path, attention):
+    """--task lm with the plain transformer: bits per byte fall from log2(256) and the
+    summary and config record what the run used (the corpus' Python version too)."""
+    args = train.build_parser().parse_args(
+        ["--task", "lm", "--model", "transformer", "--attention", attention, "--device", "cpu", "--no-progress",
+         "--steps", "30", "--eval-every", "15", "--seq-len", "32", "--d-model", "32", "--heads", "2", "--layers", "2",
+         "--batch-size", "8", "--eval-examples", "16", "--router-warmup", "10", "--target", "loss",
+         "--out", str(tmp_path)])
+    s = train.run(args)
+    assert s["quality"] == "eval_bpb" and 0 < s["eval_bpb"] < 7.5 and "transfer" not in s
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["data"]["source"] == "python stdlib" and cfg["model_config"]["attention"] == attention
+    bpb = [r["eval_bpb"] for r in read(tmp_path / "metrics.jsonl") if "eval_bpb" in r]
+    assert bpb[-1] < bpb[0]
+
+
+@pytest.mark.parametrize("bad, match", [(["--eval-every", "0"], "positive"), (["--steps", "-1"], "positive"),
+                                        (["--task", "srcd", "--model", "transformer"], "--model cram"),
+                                        (["--attention", "sdpa"], "--model transformer")])
+def test_bad_flags_are_refused_up_front(tmp_path, bad, match):
+    args = train.build_parser().parse_args(TINY + ["--out", str(tmp_path)] + bad)
+    with pytest.raises(ValueError, match=match):
+        train.run(args)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_router_warmup_longer_than_the_run_warns(tmp_path, capsys):
+    train.run(train.build_parser().parse_args(TINY + ["--steps", "3", "--eval-every", "3", "--no-transfer",
+                                                      "--out", str(tmp_path)]))
+    assert "the router never trains" in capsys.readouterr().err
+
+
+def test_redundancy_probe_reads_kept_checkpoints(tmp_path):
+    """--keep-checkpoints keeps one file per checkpoint; the probe reports, per checkpoint and
+    layer, fractions in [0, 1] that grow with the tolerance."""
+    from cram_ext import probe
+
+    train.run(train.build_parser().parse_args(
+        ["--task", "mqar", "--model", "transformer", "--attention", "sdpa", "--device", "cpu", "--no-progress",
+         "--steps", "20", "--ckpt-every", "10", "--keep-checkpoints", "--eval-every", "10", "--seq-len", "32",
+         "--num-kv-pairs", "4", "--vocab-size", "64", "--d-model", "32", "--heads", "2", "--layers", "2",
+         "--batch-size", "8", "--eval-examples", "16", "--no-transfer", "--out", str(tmp_path)]))
+    assert (tmp_path / "checkpoint-10.pt").exists() and (tmp_path / "checkpoint-20.pt").exists()
+    assert probe.main([str(tmp_path), "--examples", "32", "--tol", "0.1", "0.5"]) == 0
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert [s["step"] for s in result["steps"]] == [10, 20]
+    for s in result["steps"]:
+        assert len(s["layers"]) == 2
+        for layer in s["layers"]:
+            assert 0.0 <= layer["0.1"] <= layer["0.5"] <= 1.0
+
+
+def test_load_run_and_mqar_breakdown(tmp_path):
+    """cram_ext.load_run rebuilds a transformer run's model (routing as in the trainer's last
+    evaluation, on the same examples); the MQAR breakdown's kinds cover every token of every layer."""
+    import cram_ext
+
+    args = train.build_parser().parse_args(
+        ["--task", "mqar", "--model", "transformer", "--device", "cpu", "--no-progress", "--steps", "6",
+         "--eval-every", "3", "--seq-len", "32", "--num-kv-pairs", "4", "--vocab-size", "64", "--d-model", "32",
+         "--heads", "2", "--layers", "2", "--batch-size", "8", "--eval-examples", "16", "--no-transfer",
+         "--target", "loss", "--router-warmup", "2", "--out", str(tmp_path)])
+    s = train.run(args)
+    model, cfg = cram_ext.load_run(tmp_path)
+    assert isinstance(model, cram_ext.TransformerLM) and not model.training and cfg["target"] == "loss"
+    b = analysis.routing_breakdown(tmp_path, examples=16)
+    assert len(b["layers"]) == 2 and b["utilization"] == b["layers"][0]["utilization"]
+    kinds = ("novel_query", "recurring_query", "context_key", "context_value", "other")
+    for layer in b["layers"]:
+        assert sum(layer[k]["tokens_per_seq"] for k in kinds) == pytest.approx(32)
+        assert sum(layer[k]["routed_per_seq"] for k in kinds) == pytest.approx(32 * layer["utilization"])
+    assert s["utilization_end"] == pytest.approx(sum(layer["utilization"] for layer in b["layers"]) / 2, abs=1e-6)

@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   "$PYTHON" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
-"$PYTHON" -m pip install -q numpy ninja pytest expecttest hypothesis tqdm matplotlib
+"$PYTHON" -m pip install -q numpy ninja pytest expecttest hypothesis tqdm matplotlib scipy
 # CUTLASS/CuTe headers for the CUDA kernels (header-only; its Python deps are not needed).
 "$PYTHON" -m pip install -q --no-deps nvidia-cutlass
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}

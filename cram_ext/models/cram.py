@@ -32,6 +32,10 @@ class CRAMConfig:
     router_bias_init: float = 3.0
     routing: str = "learned"
     budget: float = 0.1
+    target: str = "predict"
+    probe: float = 0.05
+    loss_tol: float = 0.01
+    memory: bool = False
 
     def __post_init__(self) -> None:
         if (self.vocab_size is None) == (self.input_dim is None):
@@ -50,7 +54,8 @@ class CRAMBlock(nn.Module):
         self.memory = WorkingMemory(d, cfg.state_dim)
         self.attn = RoutedAttention(
             d, cfg.num_heads, cfg.num_kv_heads, threshold=cfg.threshold, explore=cfg.explore, tol=cfg.tol,
-            router_bias_init=cfg.router_bias_init, routing=cfg.routing, budget=cfg.budget,
+            router_bias_init=cfg.router_bias_init, routing=cfg.routing, budget=cfg.budget, target=cfg.target,
+            probe=cfg.probe, loss_tol=cfg.loss_tol, memory=cfg.memory,
         )
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
 

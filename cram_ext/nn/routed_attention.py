@@ -1,16 +1,18 @@
 """RoutedAttention: a causal self-attention layer whose attention runs only for routed tokens.
 
-One layer of DESIGN §1, steps 2-5: a router on the normalised input decides per token
-whether to attend; routed tokens get causal softmax attention (episodic memory), the
+One layer of docs/design.md §1, steps 2-5: a router on the normalised input decides per
+token whether to attend; routed tokens get causal softmax attention (episodic memory), the
 others get the prediction of a small MLP (semantic memory). In training the MLP is
-distilled towards attention's output on routed tokens and the router learns to send
-to attention only the tokens the MLP still gets wrong.
+distilled towards attention's output where attention was computed, and the router learns
+to send to attention only the tokens that still need it: those the MLP still gets wrong
+(target="predict"), or those where the MLP instead of attention would cost task loss
+(target="loss", measured on probe tokens).
 
 The router and the MLP read the input through a stop-gradient: their losses train them and
 nothing upstream. With gradients flowing back, the MLP's distillation reshaped the
 representation that attention reads (on SRCD at T=512 attention reached 29-93% on novel
 keys after 1000 steps instead of 100%) and the router's decisions collapsed right after
-its warm-up, novel queries included (docs/results.md, session 5).
+its warm-up, novel queries included (docs/results.md).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from torch.nn import functional as F
 
 from ..ops import route, routed_attention
 from ..route_types import Route
+from .working_memory import WorkingMemory
 
 ROUTING_MODES = ("learned", "dense", "none", "topk")
+TARGETS = ("predict", "loss")
 
 
 class RoutedAttention(nn.Module):
@@ -35,8 +39,9 @@ class RoutedAttention(nn.Module):
         threshold: a token is routed when the router's probability exceeds this. Below 0.5,
             a token the router is unsure of still goes to attention (docs/results.md).
         semantic_hidden: hidden width of the semantic-memory MLP, default 2 * E.
-        explore: fraction of tokens force-routed in training, so the router keeps
-            seeing consolidated tokens (never in eval).
+        explore: fraction of tokens force-routed in training (never in eval), so that the
+            router keeps seeing consolidated tokens and attention keeps learning at tokens
+            the router has dropped.
         tol: relative error ||s - attn||^2 / ||attn||^2 above which the router's
             target says "still needs attention".
         router_bias_init: initial router bias; high, so everything starts routed and
@@ -47,12 +52,26 @@ class RoutedAttention(nn.Module):
             budget as in Mixture-of-Depths; the router still learns from the router loss,
             and the choice looks at the whole row, so it is not causal).
         budget: the fraction of tokens "topk" routes.
+        target: what the router learns to predict (docs/design.md). "predict": the token still
+            needs attention while the semantic memory's relative error exceeds `tol`.
+            "loss": the token needs attention when using the semantic memory instead would
+            raise the task loss by more than `loss_tol` nats per token. It is measured on
+            probe tokens: in training a random `probe` fraction of the tokens get attention
+            computed but the semantic memory's output used, so the task loss's gradient
+            there is taken where attention is missing (not where the prediction is already
+            right, where it vanishes), and <gradient, attention - semantic> estimates what
+            restoring attention would gain. The router learns from the last training
+            step's probes. `loss_tol` assumes a task loss averaged over the batch's tokens.
+        probe, loss_tol: see target="loss".
+        memory: the router and the semantic memory read the normalised input plus a gated
+            scan over it (a causal summary of the past), trained by their own losses only.
 
     After each forward, `last_stats` holds `utilization` (routed / all tokens) and
     `attn_flop_fraction` (sum of (t+1) over routed t / over all t) as detached 0-dim
     tensors (no host sync; call float() to log them), `last_mask` the (B, T) bool mask of
-    the routed tokens, and in training `aux_loss` holds the consolidation + router loss
-    (see `aux_losses`).
+    the tokens whose attention was computed, `last_probe` that of the probe tokens
+    (target="loss", training; else None), and in training `aux_loss` holds the
+    consolidation + router loss (see `aux_losses`).
     """
 
     def __init__(
@@ -67,10 +86,18 @@ class RoutedAttention(nn.Module):
         router_bias_init: float = 3.0,
         routing: str = "learned",
         budget: float = 0.1,
+        target: str = "predict",
+        probe: float = 0.05,
+        loss_tol: float = 0.01,
+        memory: bool = False,
     ) -> None:
         super().__init__()
         if routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if not 0.0 <= probe < 1.0:
+            raise ValueError(f"probe must be in [0, 1), got {probe}")
         if not 0.0 <= budget <= 1.0:
             raise ValueError(f"budget must be in [0, 1], got {budget}")
         self.routing, self.budget = routing, budget
@@ -82,6 +109,7 @@ class RoutedAttention(nn.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.threshold, self.explore, self.tol = threshold, explore, tol
+        self.target, self.probe, self.loss_tol = target, probe, loss_tol
         inner, kv_inner = num_heads * self.head_dim, num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, inner, bias=False)
         self.k_proj = nn.Linear(embed_dim, kv_inner, bias=False)
@@ -91,9 +119,13 @@ class RoutedAttention(nn.Module):
         self.router_bias = nn.Parameter(torch.tensor(float(router_bias_init)))
         hidden = 2 * embed_dim if semantic_hidden is None else semantic_hidden
         self.semantic = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, inner))
+        self.memory = WorkingMemory(embed_dim) if memory else None
         self.last_stats: dict[str, Tensor] = {}
         self.last_mask: Tensor | None = None
+        self.last_probe: Tensor | None = None
         self.aux_loss: Tensor | None = None
+        # target="loss": (router input, needs attention) of the last training step's probes.
+        self._probe_labels: tuple[Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.q_proj.in_features:
@@ -102,27 +134,53 @@ class RoutedAttention(nn.Module):
         B, T, _ = x.shape
         # No affine: the router's and the MLP's first linear maps absorb one.
         z = F.layer_norm(x.detach(), (x.shape[-1],))
-        r = self._route(z)
+        if self.memory is not None:
+            z = z + self.memory(z)
+        probe = None
+        if self.training and self.routing == "learned" and self.target == "loss" and self.probe > 0:
+            probe = torch.rand(B, T, device=x.device) < self.probe
+        r = self._route(z, probe)
 
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         attn = self._attend(q, k, v, r)
         semantic = self.semantic(z)
-        routed = r.mask.unsqueeze(-1)
-        y = self.out_proj(torch.where(routed, attn, semantic.to(attn.dtype)))
+        # Probes: attention computed, the semantic memory's output used (see target="loss").
+        use_attn = r.mask if probe is None else r.mask & ~probe
+        mixed = torch.where(use_attn.unsqueeze(-1), attn, semantic.to(attn.dtype))
+        if probe is not None and mixed.requires_grad:
+            self._measure_on_backward(mixed, attn, semantic, z, probe)
+        y = self.out_proj(mixed)
 
         self.last_stats = self._stats(r.mask)
-        self.last_mask = r.mask
-        self.aux_loss = self._consolidation_losses(semantic, attn, r.prob, r.mask) if self.training else None
+        self.last_mask, self.last_probe = r.mask, probe
+        self.aux_loss = self._consolidation_losses(semantic, attn, r.prob, r.mask, z) if self.training else None
         return y
 
-    def _route(self, z: Tensor) -> Route:
+    def _measure_on_backward(self, mixed: Tensor, attn: Tensor, semantic: Tensor, z: Tensor, probe: Tensor) -> None:
+        """When the task loss's gradient g reaches `mixed`, label every probe token: restoring
+        attention there changes the loss by about <g, attn - semantic>; the token needs
+        attention when that lowers the per-token loss by more than loss_tol."""
+        attn, semantic, z = attn.detach(), semantic.detach(), z.detach()
+        n_tokens = probe.numel()
+
+        def hook(grad: Tensor) -> None:
+            with torch.no_grad():
+                delta = ((attn.float() - semantic.float()) * grad.float()).sum(-1)
+                gain = -delta[probe] * n_tokens
+                self._probe_labels = (z[probe], gain > self.loss_tol)
+
+        mixed.register_hook(hook)
+
+    def _route(self, z: Tensor, probe: Tensor | None = None) -> Route:
         B, T, _ = z.shape
         threshold, force = self.threshold, None
         if self.routing == "learned":
             if self.training and self.explore > 0:
                 force = torch.rand(B, T, device=z.device) < self.explore
+            if probe is not None:
+                force = probe if force is None else force | probe
         elif self.routing == "dense":
             threshold = -1.0  # prob > -1 always
         elif self.routing == "none":
@@ -153,18 +211,26 @@ class RoutedAttention(nn.Module):
         attn, _ = routed_attention(q, k, v, r.index, r.counts, D**-0.5)
         return attn[..., :D].flatten(2).to(out_dtype)
 
-    def _consolidation_losses(self, semantic: Tensor, attn: Tensor, prob: Tensor, mask: Tensor) -> Tensor:
-        """L_cons + L_route on the routed tokens, the only ones where attention is known."""
+    def _consolidation_losses(self, semantic: Tensor, attn: Tensor, prob: Tensor, mask: Tensor, z: Tensor) -> Tensor:
+        """L_cons + L_route. The semantic memory is distilled towards attention on the tokens
+        where attention was computed; the router learns from its target's labels."""
         target = attn.detach().float()
         err = (semantic.float() - target).pow(2).sum(-1)
         weight = mask.float()
         n = weight.sum().clamp_min(1.0)
         cons = (err * weight).sum() / n / semantic.shape[-1]
+        if self.target == "loss":
+            return cons + self._router_loss_from_probes(z.dtype)
         still_wrong = (err.detach() / (target.pow(2).sum(-1) + 1e-6) > self.tol).float()
-        # BCE written out: F.binary_cross_entropy refuses to run under autocast.
-        p = prob.float().clamp(1e-6, 1 - 1e-6)
-        bce = -(still_wrong * p.log() + (1 - still_wrong) * (1 - p).log())
-        return cons + (bce * weight).sum() / n
+        return cons + (_bce(prob, still_wrong) * weight).sum() / n
+
+    def _router_loss_from_probes(self, dtype: torch.dtype) -> Tensor:
+        """BCE of the router on the last training step's probe labels (0 before the first)."""
+        if self._probe_labels is None:
+            return self.router_bias.sum() * 0.0
+        z, needed = self._probe_labels
+        prob = torch.sigmoid((z.to(dtype) @ self.router_weight.to(dtype)).float() + self.router_bias)
+        return _bce(prob, needed.float()).mean() if needed.numel() else self.router_bias.sum() * 0.0
 
     @staticmethod
     def _stats(mask: Tensor) -> dict[str, Tensor]:
@@ -174,6 +240,12 @@ class RoutedAttention(nn.Module):
             "utilization": m.mean(),
             "attn_flop_fraction": (m * t).sum() / (t.sum() * mask.shape[0]),
         }
+
+
+def _bce(prob: Tensor, target: Tensor) -> Tensor:
+    # Written out: F.binary_cross_entropy refuses to run under autocast.
+    p = prob.float().clamp(1e-6, 1 - 1e-6)
+    return -(target * p.log() + (1 - target) * (1 - p).log())
 
 
 def aux_losses(model: nn.Module) -> Tensor:

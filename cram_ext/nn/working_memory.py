@@ -1,4 +1,4 @@
-"""WorkingMemory: the gated-scan layer of DESIGN §1, step 1."""
+"""WorkingMemory: the gated-scan layer of docs/design.md §1, step 1."""
 
 from __future__ import annotations
 

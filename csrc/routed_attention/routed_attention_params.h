@@ -1,5 +1,5 @@
 // Torch-free interface between the routed-attention launcher (routed_attention_api.cpp)
-// and the CUDA kernels (routed_attention_*.cu). Semantics: DESIGN.md §2.
+// and the CUDA kernels (routed_attention_*.cu). Semantics: docs/design.md §2.
 //
 // Layouts: q, out, grad_out, grad_q are (B, T, H, D); k, v, grad_k, grad_v are
 // (B, S, Hk, D); every one of them has a unit stride along D, 16-byte aligned rows
