@@ -29,7 +29,8 @@ def _check_same_device(op: str, **tensors: Tensor | None) -> None:
     given = [(name, t) for name, t in tensors.items() if isinstance(t, Tensor)]
     for name, t in given[1:]:
         if t.device != given[0][1].device:
-            raise ValueError(f"{op}: {name} is on {t.device}, expected {given[0][1].device} like {given[0][0]}")
+            raise ValueError(f"{op}: {name}: expected a tensor on {given[0][1].device} like {given[0][0]}, got one "
+                             f"on {t.device}")
 
 
 def set_debug(enabled: bool) -> None:

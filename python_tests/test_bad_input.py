@@ -187,6 +187,20 @@ CASES = [
 ]
 
 
+# A meta tensor among real ones would dispatch to the fake kernel and return uninitialised
+# memory: the wrappers refuse it first.
+CASES += [
+    ("scan-log_a-on-meta", lambda d: _scan(d, log_a=-torch.rand(B, T, C, device="meta")), ValueError,
+     r"log_a: expected a tensor on .* like x, got one on meta"),
+    ("route-weight-on-meta", lambda d: _route(d, weight=torch.randn(C, device="meta")), ValueError,
+     r"weight: expected a tensor on .* like hidden, got one on meta"),
+    ("attn-k-on-meta", lambda d: _attn(d, k=_kv(d).to("meta")), ValueError,
+     r"k: expected a tensor on .* like q, got one on meta"),
+    ("attn-q-as-BHTD", lambda d: _attn(d, q=_q(d).transpose(1, 2).contiguous()), ValueError,
+     r"looks like \(B, H, T, D\): pass q.transpose\(1, 2\)"),
+]
+
+
 @pytest.mark.parametrize("build, exc, match", [pytest.param(*c[1:], id=c[0]) for c in CASES])
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_argument(device, build, exc, match):
@@ -378,3 +392,28 @@ def test_debug_mode_off_by_default():
     out, lse = cram_ext.routed_attention(q, k, v, index, counts)  # any answer, but no exception
     assert out.shape == q.shape and lse.shape == (1, 1, 4)
 
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_takes_a_python_float_bias(device):
+    hidden, weight = torch.randn(B, T, C, device=device), torch.randn(C, device=device)
+    a = cram_ext.route(hidden, weight, 0.25)
+    b = cram_ext.route(hidden, weight, torch.tensor(0.25, device=device))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_all_meta_inputs_give_shapes():
+    """Meta everywhere is shape inference (meta-device model init), not an error."""
+    q = torch.randn(B, T, H, D, device="meta")
+    k = v = torch.randn(B, S, HK, D, device="meta")
+    index = torch.zeros(B, T, dtype=torch.int32, device="meta")
+    out, lse = cram_ext.routed_attention(q, k, v, index, torch.zeros(B, dtype=torch.int32, device="meta"))
+    assert out.shape == q.shape and out.device.type == "meta" and lse.shape == (B, H, T)
+
+
+def test_routed_attention_layer_wants_a_batch_dimension():
+    layer = cram_ext.RoutedAttention(32, 4)
+    with pytest.raises(ValueError, match=r"add a batch dimension"):
+        layer(torch.randn(10, 32))
+    with pytest.raises(ValueError, match=r"E=32"):
+        layer(torch.randn(2, 10, 16))

@@ -19,6 +19,14 @@
 namespace cram {
 namespace {
 
+// (B, H, T, D) is the layout SDPA takes: a q in it gets that said before any other
+// complaint (a wrong H, a wrong T in index) that would hide it.
+void check_not_bhtd(const at::Tensor& q, const at::Tensor& index) {
+  TORCH_CHECK_VALUE(q.dim() != 4 || index.dim() != 2 || index.size(1) == q.size(1) || index.size(1) != q.size(2),
+                    "q: expected (B, T, H, D) with T=", index.size(1), " as index has, got ", q.sizes(),
+                    ", which looks like (B, H, T, D): pass q.transpose(1, 2) (and k, v likewise)");
+}
+
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_supported_device(q, "q");
   check_dim(q, "q", 4, "(B, T, H, D)");
@@ -51,10 +59,6 @@ void check_route_tensors(const at::Tensor& index, const at::Tensor& counts, cons
   check_same_device(counts, "counts", q, "q");
   check_dtype(index, "index", {at::kInt});
   check_dtype(counts, "counts", {at::kInt});
-  // (B, H, T, D) is the layout SDPA takes: say so rather than only that index has the wrong T.
-  TORCH_CHECK_VALUE(index.dim() != 2 || index.size(1) == q.size(1) || index.size(1) != q.size(2),
-                    "q: expected (B, T, H, D) with T=", index.size(1), " as index has, got ", q.sizes(),
-                    ", which looks like (B, H, T, D): pass q.transpose(1, 2) (and k, v likewise)");
   check_shape(index, "index", {q.size(0), q.size(1)});
   check_shape(counts, "counts", {q.size(0)});
 }
@@ -162,6 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cuda(
 std::tuple<at::Tensor, at::Tensor> routed_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     const at::Tensor& index, const at::Tensor& counts,
                                                     double softmax_scale, bool /*deterministic: the forward always is*/) {
+  check_not_bhtd(q, index);
   check_qkv(q, k, v);
   check_route_tensors(index, counts, q);
   c10::OptionalDeviceGuard guard(q.device());
