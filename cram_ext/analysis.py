@@ -37,13 +37,13 @@ def transition_step(steps: list[int], utilization: list[float]) -> int | None:
 @dataclass(frozen=True)
 class PowerLawFit:
     """u = a * step^-gamma by least squares on (log step, log u): gamma with its 95%
-    confidence interval (Student t, n - 2 degrees of freedom; None with 3 points' worth of
-    nothing to spare), the coefficient of determination r2 of the log-log fit, and the
-    number of points. `poor` when r2 < 0.8: the curve is not a power law there."""
+    confidence interval (Student t, n - 2 degrees of freedom), the coefficient of
+    determination r2 of the log-log fit, and the number of points. `poor` when r2 < 0.8:
+    the curve is not a power law there."""
 
     gamma: float
     a: float
-    gamma_ci95: tuple[float, float] | None
+    gamma_ci95: tuple[float, float]
     r2: float
     points: int
 
@@ -65,10 +65,9 @@ def power_law_fit(steps: list[int], utilization: list[float], from_step: int | N
     y = np.log([u for _, u in pts])
     fit = stats.linregress(x, y)
     n = len(pts)
-    half = float(stats.t.ppf(0.975, n - 2) * fit.stderr) if n > 2 else math.inf
-    ci = (-fit.slope - half, -fit.slope + half) if math.isfinite(half) else None
-    r2 = float(fit.rvalue**2) if np.ptp(y) > 0 else 1.0
-    return PowerLawFit(float(-fit.slope), float(math.exp(fit.intercept)), ci, r2, n)
+    half = float(stats.t.ppf(0.975, n - 2) * fit.stderr)
+    r2 = float(fit.rvalue**2) if np.ptp(y) > 0 else 1.0  # a flat curve is fitted exactly
+    return PowerLawFit(float(-fit.slope), float(math.exp(fit.intercept)), (-fit.slope - half, -fit.slope + half), r2, n)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -125,9 +124,9 @@ def plot_run(run_dir: Path, title: str = "") -> Path:
         ax.axvline(t, color="C3", ls="--", lw=1, label=f"transition step {t}")
     if fit is not None:
         xs = [s for s in steps if s >= t and s > 0]
-        ci = f" [{fit.gamma_ci95[0]:.2f}, {fit.gamma_ci95[1]:.2f}]" if fit.gamma_ci95 else ""
+        ci = f"[{fit.gamma_ci95[0]:.2f}, {fit.gamma_ci95[1]:.2f}]"
         ax.plot(xs, [fit.a * s**-fit.gamma for s in xs], color="C3", lw=1.5,
-                label=f"power law, gamma = {fit.gamma:.2f}{ci}, r2 = {fit.r2:.2f}" + (" (poor fit)" if fit.poor else ""))
+                label=f"power law, gamma = {fit.gamma:.2f} {ci}, r2 = {fit.r2:.2f}" + (" (poor fit)" if fit.poor else ""))
     ax2 = ax.twinx()
     name = "validation bits per byte" if records and any("eval_bpb" in r for r in records) else "retrieval accuracy"
     ax2.plot(steps, acc, "s-", color="C2", ms=3, label=f"{name} (eval)")

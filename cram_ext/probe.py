@@ -113,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--tol", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     p.add_argument("--examples", type=int, default=256, help="held-out examples (half fit, half measure)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of torch (0: torch's default)")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     result = probe_run(args.run_dir, args.tol, args.examples)
     (args.run_dir / "probe.json").write_text(json.dumps(result, indent=2))
     print("step   layer  " + "  ".join(f"tol {t}" for t in args.tol))

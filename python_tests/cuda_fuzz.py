@@ -34,18 +34,12 @@ from pathlib import Path
 SANITIZER_SUMMARY = re.compile(r"(?:ERROR|RACECHECK) SUMMARY: (\d+) (?:errors?|hazards?)")
 
 
-def case_draw(op: str, seed: int, i: int):
-    from fuzz_space import RandomDraw
-
-    return RandomDraw(f"{op}-{seed}-{i}")
-
-
 def draw(op: str, seed: int, i: int, malformed_rate: int, device: str):
-    from fuzz_space import OPS, draw_attention_case
+    """Case i of op for this seed: the same in every process."""
+    from fuzz_space import OPS, RandomDraw, draw_attention_case
 
-    if op == "attention":
-        return draw_attention_case(case_draw(op, seed, i), device, malformed_rate)
-    return OPS[op][0](case_draw(op, seed, i), device)
+    d = RandomDraw(f"{op}-{seed}-{i}")
+    return draw_attention_case(d, device, malformed_rate) if op == "attention" else OPS[op][0](d, device)
 
 
 def worker(args: argparse.Namespace) -> int:

@@ -30,7 +30,17 @@ from typing import Any, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCE, assert_close_rel, poison_allocator, route_from_mask
+from conftest import (
+    ATTN_DTYPES,
+    DTYPE_NAMES,
+    SCAN_DTYPES,
+    TOLERANCE,
+    assert_close_rel,
+    at_offset,
+    poison_allocator,
+    reference_dtype,
+    route_from_mask,
+)
 from test_route import check_route_exact
 from test_routed_attention import check_unrouted_rows
 
@@ -126,9 +136,7 @@ def laid_out(values: torch.Tensor, layout: str, dtype: torch.dtype, device: str,
     if layout == "contiguous" or n == 0:
         out = v.to(device)
     elif layout == "offset":  # contiguous, one element past an aligned address
-        buf = torch.empty(v.numel() + 1, dtype=dtype, device=device)
-        out = buf[1:].view(shape)
-        out.copy_(v)
+        out = at_offset(v.to(device))
     elif layout == "padded":  # rows of a wider tensor: unit inner stride, odd row stride
         buf = torch.empty(shape[:-1] + [shape[-1] + 3], dtype=dtype, device=device)
         out = buf[..., : shape[-1]]
@@ -196,20 +204,7 @@ LIMITS = {
                    attn_work=6_000_000),
 }
 
-SCAN_DTYPES = {"cpu": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
-               "cuda": (torch.float32, torch.float16, torch.bfloat16)}
-ATTN_DTYPES = {"cpu": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
-               "cuda": (torch.float16, torch.bfloat16)}
 PARAM_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-DTYPE_NAMES = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-
-
-def accumulate(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def tolerance(dtype: torch.dtype) -> float:
-    return TOLERANCE[dtype]
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str, floor: float = 0.0) -> None:
@@ -364,7 +359,7 @@ def _grad_floor(grad: torch.Tensor, frac: float = 0.1) -> float:
 def check_scan(case: ScanCase, device: str) -> None:
     gen = torch.Generator().manual_seed(case.seed)
     B, T, C, dt, lay = case.B, case.T, case.C, case.dtype, case.layouts
-    acc = accumulate(dt)
+    acc = reference_dtype(dt)
     decay = {"softplus": lambda v: -F.softplus(v), "one": lambda v: v * 0, "sharp": lambda v: -5 - 5 * v.abs()}
     x, x_ref = make_input((B, T, C), lay["x"], dt, device, gen, expand_dim=1)
     log_a, log_a_ref = make_input((B, T, C), lay["log_a"], dt, device, gen, expand_dim=1,
@@ -383,7 +378,7 @@ def check_scan(case: ScanCase, device: str) -> None:
     # A float32 recurrence over T steps rounds like a running sum: against float64, the CPU
     # op and a float32 reference alike were off by 3.4 sqrt(T) eps at T = 2000 (1.8e-5 for
     # a = 1 and a constant gradient), past float32's 1e-5.
-    tol = max(tolerance(dt), 8 * T**0.5 * torch.finfo(acc).eps)
+    tol = max(TOLERANCE[dt], 8 * T**0.5 * torch.finfo(acc).eps)
     assert_close(h, h_ref, tol, "h")
     assert_close(h_last, h_last_ref, tol, "h_last")
 
@@ -401,7 +396,7 @@ def check_scan(case: ScanCase, device: str) -> None:
 def check_route(case: RouteCase, device: str) -> None:
     gen = torch.Generator().manual_seed(case.seed)
     B, T, C, lay = case.B, case.T, case.C, case.layouts
-    acc = accumulate(case.dtype)
+    acc = reference_dtype(case.dtype)
     hidden, hidden_ref = make_input((B, T, C), lay["hidden"], case.dtype, device, gen, expand_dim=1,
                                     scale=case.scale)
     weight, weight_ref = make_input((C,), lay["weight"], case.weight_dtype, device, gen, scale=C**-0.5)
@@ -416,7 +411,7 @@ def check_route(case: RouteCase, device: str) -> None:
     hr, wr, br = (as_ref(t, acc) for t in (hidden_ref, weight_ref, bias_ref))
     ref = reference.route(hr, wr, br, case.threshold, force_c)
     assert r.prob.dtype == acc and r.prob.shape == (B, T), "prob: shape or dtype"
-    assert_close(r.prob, ref.prob, tolerance(acc), "prob")
+    assert_close(r.prob, ref.prob, TOLERANCE[acc], "prob")
     check_route_exact(type(r)(*(t.cpu() for t in r)), ref, case.threshold, force_c)
 
     grad_prob = make_grad((B, T), lay["grad_prob"], acc, device, gen)
@@ -429,7 +424,7 @@ def check_route(case: RouteCase, device: str) -> None:
     # 1 - p to an absolute eps only, so every row's p (1 - p) is known to eps.
     with torch.no_grad():
         eps = torch.finfo(acc).eps
-        terms = (grad_prob.cpu().to(acc).abs() * (ref.prob * (1 - ref.prob) + 2 * eps / tolerance(acc)))
+        terms = (grad_prob.cpu().to(acc).abs() * (ref.prob * (1 - ref.prob) + 2 * eps / TOLERANCE[acc]))
         terms = terms.reshape(-1)
         magnitude = {"hidden": torch.linalg.vector_norm(terms[:, None] * wr.abs()).item(),
                      "weight": torch.linalg.vector_norm(terms @ hr.abs().reshape(-1, C)).item(),
@@ -437,7 +432,7 @@ def check_route(case: RouteCase, device: str) -> None:
     for name, g, gr, inp in zip(("hidden", "weight", "bias"), grads, ref_grads, (hidden, weight, bias)):
         assert g.shape == inp.shape and g.dtype == inp.dtype, f"grad {name}: shape or dtype"
         # Each gradient comes back in its input's dtype, so it carries that dtype's rounding.
-        tol = max(tolerance(case.dtype), tolerance(inp.dtype))
+        tol = max(TOLERANCE[case.dtype], TOLERANCE[inp.dtype])
         assert_close(g, gr, tol, f"grad {name}", floor=magnitude[name])
 
 
@@ -513,7 +508,7 @@ def check_attention(case: AttentionCase, device: str) -> None:
     poison_allocator(device)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     assert out.shape == (B, T, H, D) and out.dtype == dt, "out: shape or dtype"
-    assert lse.shape == (B, H, T) and lse.dtype == accumulate(dt), "lse: shape or dtype"
+    assert lse.shape == (B, H, T) and lse.dtype == reference_dtype(dt), "lse: shape or dtype"
     if case.malformed:  # no reference: only shapes, and (under compute-sanitizer) memory safety
         for g, inp in zip(grads, (q, k, v)):
             assert g.shape == inp.shape and g.dtype == inp.dtype
@@ -521,13 +516,13 @@ def check_attention(case: AttentionCase, device: str) -> None:
             torch.cuda.synchronize()
         return
 
-    acc = accumulate(dt)
+    acc = reference_dtype(dt)
     qr, kr, vr = (as_ref(t, acc) for t in (q_ref, k_ref, v_ref))
     out_ref, lse_ref = reference.routed_attention(qr, kr, vr, index_c, counts_c, case.softmax_scale)
     routed = routed_mask(index_c, counts_c, T)
     out_c, lse_c = out.cpu(), lse.cpu()
     check_unrouted_rows(out_c, lse_c, routed)
-    tol = tolerance(dt)
+    tol = TOLERANCE[dt]
     assert_close(out_c, out_ref, tol, "out")
     rows = routed[:, None, :].expand_as(lse_c)
     assert_close(lse_c[rows], lse_ref[rows], tol, "lse")

@@ -23,12 +23,6 @@ def need_gib(gib: float) -> None:
         pytest.skip(f"needs {gib} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
 
 
-def scan_slice_reference(x, log_a, c0, width):
-    """The op on channels [c0, c0 + width) as a small contiguous problem: channels are independent."""
-    xs, ls = (t[:, :, c0 : c0 + width].contiguous() for t in (x, log_a))
-    return cram_ext.gated_scan(xs, ls)
-
-
 def test_scan_past_int32():
     need_gib(60)
     B, T, C = 1, 2**20, 4096 + 8  # B * T * C > 2**31

@@ -14,16 +14,19 @@ from cram_ext import RoutedAttention, WorkingMemory, aux_losses
 E, H = 32, 4
 
 
-def _dense_reference(layer: RoutedAttention, x: torch.Tensor) -> torch.Tensor:
-    """out_proj(causal SDPA) through the layer's own projections: every token routed."""
+def _dense_attention(layer: RoutedAttention, x: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA through the layer's own projections, before out_proj: every token routed."""
     B, T, _ = x.shape
     q = layer.q_proj(x).view(B, T, layer.num_heads, -1).transpose(1, 2)
     k = layer.k_proj(x).view(B, T, layer.num_kv_heads, -1).transpose(1, 2)
     v = layer.v_proj(x).view(B, T, layer.num_kv_heads, -1).transpose(1, 2)
     rep = layer.num_heads // layer.num_kv_heads
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return layer.out_proj(attn.transpose(1, 2).flatten(2))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+
+
+def _dense_reference(layer: RoutedAttention, x: torch.Tensor) -> torch.Tensor:
+    return layer.out_proj(_dense_attention(layer, x))
 
 
 def _z(x: torch.Tensor) -> torch.Tensor:
@@ -234,14 +237,8 @@ def test_loss_target_labels_probes_by_the_loss_they_would_gain(device):
     (c * y).sum().backward()
     with torch.no_grad():
         z = _z(x)
-        q = layer.q_proj(x).view(B, T, layer.num_heads, -1).transpose(1, 2)
-        k = layer.k_proj(x).view(B, T, layer.num_kv_heads, -1).transpose(1, 2)
-        v = layer.v_proj(x).view(B, T, layer.num_kv_heads, -1).transpose(1, 2)
-        rep = layer.num_heads // layer.num_kv_heads
-        pre = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                             is_causal=True).transpose(1, 2).flatten(2)
         g = c @ layer.out_proj.weight
-        gain = -((pre - layer.semantic(z)) * g).sum(-1) * B * T
+        gain = -((_dense_attention(layer, x) - layer.semantic(z)) * g).sum(-1) * B * T
     z_probe, needed = layer._probe_labels
     torch.testing.assert_close(z_probe, z[probe])
     near = (gain[probe] - layer.loss_tol).abs() < 1e-3 * gain.abs().max()  # rounding may flip a tie

@@ -226,11 +226,11 @@ class RoutedAttention(nn.Module):
 
     def _router_loss_from_probes(self, dtype: torch.dtype) -> Tensor:
         """BCE of the router on the last training step's probe labels (0 before the first)."""
-        if self._probe_labels is None:
-            return self.router_bias.sum() * 0.0
+        if self._probe_labels is None or self._probe_labels[1].numel() == 0:
+            return self.router_bias * 0.0
         z, needed = self._probe_labels
         prob = torch.sigmoid((z.to(dtype) @ self.router_weight.to(dtype)).float() + self.router_bias)
-        return _bce(prob, needed.float()).mean() if needed.numel() else self.router_bias.sum() * 0.0
+        return _bce(prob, needed.float()).mean()
 
     @staticmethod
     def _stats(mask: Tensor) -> dict[str, Tensor]:
