@@ -26,13 +26,13 @@ def gated_scan(x: Tensor, log_a: Tensor, h0: Tensor | None = None) -> tuple[Tens
     acc = accumulate_dtype(x.dtype)
     B, T, C = x.shape
     state = torch.zeros(B, C, dtype=acc, device=x.device) if h0 is None else h0.to(acc)
-    a = log_a.to(acc).exp()
-    xs = x.to(acc)
+    # unbind, not a[:, t]: each indexing's backward would write a whole (B, T, C) gradient.
+    a, xs = log_a.to(acc).exp().unbind(1), x.to(acc).unbind(1)
     states = []
     for t in range(T):
-        state = a[:, t] * state + xs[:, t]
+        state = a[t] * state + xs[t]
         states.append(state)
-    h = torch.stack(states, dim=1) if states else xs.new_empty(B, 0, C)
+    h = torch.stack(states, dim=1) if states else x.new_empty(B, 0, C, dtype=acc)
     return h.to(x.dtype), state
 
 
