@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import sys
@@ -32,10 +33,12 @@ from torch import nn
 
 from . import analysis, checkpoint
 from .models import CRAMConfig, CRAMModel, TransformerConfig, TransformerLM
-from .nn import aux_losses
+from .nn import RoutedAttention, aux_losses
 from .tasks import Task, autocast, make_task, routing_stats, transfer_variant
 
 ROUTING = {"learned": "learned", "dense": "dense", "static": "topk", "none": "none"}
+ROUTED_DEFAULTS = {k: v.default for k, v in inspect.signature(RoutedAttention).parameters.items()
+                   if v.default is not inspect.Parameter.empty}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,20 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--heads", type=int, default=4)
     m.add_argument("--attention", choices=["routed", "sdpa"], default="routed",
                    help="--model transformer: RoutedAttention or dense scaled_dot_product_attention")
-    m.add_argument("--threshold", type=float, default=0.3,
-                   help="a token is routed when the router's probability exceeds this; below 0.5, a "
-                        "token the router is unsure of still goes to attention")
-    m.add_argument("--explore", type=float, default=0.02, help="fraction of tokens force-routed in training")
-    m.add_argument("--target", choices=["predict", "loss"], default="predict",
-                   help="what the router learns (RoutedAttention's target)")
-    m.add_argument("--tol", type=float, default=0.3, help="target predict: the semantic memory's relative error")
-    m.add_argument("--probe", type=float, default=0.05, help="target loss: fraction of probe tokens")
-    m.add_argument("--loss-tol", type=float, default=0.01, help="target loss: nats per token")
-    m.add_argument("--memory", action="store_true", help="the router and semantic memory read a gated scan too")
-    m.add_argument("--router-bias-init", type=float, default=3.0)
+    # RoutedAttention's arguments: left out, each takes the layer's own default (ROUTED_DEFAULTS).
+    m.add_argument("--threshold", type=float, help="a token is routed when the router's probability exceeds this")
+    m.add_argument("--explore", type=float, help="fraction of tokens force-routed in training")
+    m.add_argument("--target", choices=["predict", "loss"], help="what the router learns")
+    m.add_argument("--tol", type=float, help="target predict: the semantic memory's relative error")
+    m.add_argument("--probe", type=float, help="target loss: fraction of probe tokens")
+    m.add_argument("--loss-tol", type=float, help="target loss: nats per token")
+    m.add_argument("--memory", action=argparse.BooleanOptionalAction,
+                   help="the router and the semantic memory read a gated scan of the input too")
+    m.add_argument("--router-bias-init", type=float)
+    m.add_argument("--router-warmup", type=int,
+                   help="training steps with every token routed while attention learns (the layer's warmup)")
     m.add_argument("--router-lr-scale", type=float, default=1.0, help="the router's learning rate relative to --lr")
-    m.add_argument("--router-warmup", type=int, default=1000,
-                   help="steps with the router frozen (everything routed) while attention learns to retrieve")
     t = p.add_argument_group("task")
     t.add_argument("--seq-len", type=int, default=64)
     t.add_argument("--recurring-frac", type=float, default=0.5, help="SRCD, MQAR: fraction of recurring pairs")
@@ -116,9 +118,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise checkpoint.RunError("--task srcd has continuous inputs: it needs --model cram")
     if args.attention == "sdpa" and (args.model != "transformer" or args.routing != "learned"):
         raise checkpoint.RunError("--attention sdpa is the dense transformer: use it with --model transformer only")
-    if args.routing == "learned" and args.attention == "routed" and args.router_warmup >= args.steps:
-        print(f"warning: --router-warmup {args.router_warmup} >= --steps {args.steps}: the router never trains "
-              "and every token stays routed", file=sys.stderr)
+    warmup = ROUTED_DEFAULTS["warmup"] if args.router_warmup is None else args.router_warmup
+    if args.routing == "learned" and args.attention == "routed" and warmup >= args.steps:
+        print(f"warning: --router-warmup {warmup} >= --steps {args.steps}: every token stays routed",
+              file=sys.stderr)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,14 +134,17 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(args: argparse.Namespace, task: Task) -> tuple[nn.Module, dict]:
     """The model the arguments describe, and its config (as config.json records it)."""
-    routed = dict(threshold=args.threshold, explore=args.explore if args.routing == "learned" else 0.0,
-                  tol=args.tol, router_bias_init=args.router_bias_init, routing=ROUTING[args.routing],
-                  budget=args.budget, target=args.target, probe=args.probe, loss_tol=args.loss_tol,
-                  memory=args.memory)
+    given = dict(threshold=args.threshold, explore=args.explore, tol=args.tol, router_bias_init=args.router_bias_init,
+                 target=args.target, probe=args.probe, loss_tol=args.loss_tol, memory=args.memory,
+                 warmup=args.router_warmup)
+    routed = {k: ROUTED_DEFAULTS[k] if v is None else v for k, v in given.items()}
+    routed.update(routing=ROUTING[args.routing], budget=args.budget)
+    if args.routing != "learned":
+        routed["explore"] = 0.0
     shape = task.model_config()
     if args.model == "cram":
-        cfg = CRAMConfig(d_model=args.d_model, n_layers=args.layers, num_heads=args.heads,
-                         **{k: v for k, v in shape.items() if k != "max_len"}, **routed)
+        cfg = CRAMConfig(d_model=args.d_model, n_layers=args.layers, num_heads=args.heads, routed=routed,
+                         **{k: v for k, v in shape.items() if k != "max_len"})
         return CRAMModel(cfg), dataclasses.asdict(cfg)
     tcfg = TransformerConfig(d_model=args.d_model, n_layers=args.layers, num_heads=args.heads,
                              attention=args.attention, routed=routed, **shape)
@@ -215,7 +221,6 @@ def run(args: argparse.Namespace) -> dict:
     (out / "config.json").write_text(json.dumps({**vars(args), "out": str(out), "resolved_device": str(device),
                                                  "model_config": model_cfg, "data": meta}, indent=2, default=str))
     eval_batch = task.eval_batch(args.eval_examples, args.seed, device)
-    routers = [p for m in model.routed_attention_layers() for p in (m.router_weight, m.router_bias)]
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -235,8 +240,6 @@ def run(args: argparse.Namespace) -> dict:
                 break
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args) * group["lr_scale"]
-            for p in routers:
-                p.requires_grad_(step >= args.router_warmup)
             batch = task.batch(args.batch_size, args.seed * 1_000_003 + step, device)
             with autocast(device):
                 out_, pred = task.forward(model, batch)

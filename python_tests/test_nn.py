@@ -41,6 +41,8 @@ def _tol(device):
 
 def _layer(device, dtype=torch.float32, **kw):
     # Head dims of 64 on CUDA: the kernels' own size (others are padded; tested below).
+    # No warm-up unless a test asks: these test the routing itself.
+    kw.setdefault("warmup", 0)
     e = E if device == "cpu" else 2 * 64
     return RoutedAttention(e, num_heads=e // (8 if device == "cpu" else 64), **kw).to(device, dtype), e
 
@@ -273,3 +275,53 @@ def test_bad_target_and_probe():
         RoutedAttention(32, num_heads=4, target="usefulness")
     with pytest.raises(ValueError, match="probe"):
         RoutedAttention(32, num_heads=4, probe=1.0)
+    with pytest.raises(ValueError, match="warmup"):
+        RoutedAttention(32, num_heads=4, warmup=-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", ["predict", "loss"])
+def test_warmup_routes_everything_and_freezes_the_router(device, target):
+    """A router that would drop every token (bias -8, threshold 0.3) is overruled for the
+    first `warmup` training forwards, in training and in eval, and gets no gradient then;
+    from the next forward on it decides, and learns."""
+    layer, e = _layer(device, warmup=2, router_bias_init=-8.0, explore=0.0, target=target)
+    x = torch.randn(2, 33, e, device=device)
+
+    def train_step() -> float:
+        layer.train()
+        layer.zero_grad(set_to_none=True)
+        (layer(x).square().mean() + layer.aux_loss).backward()
+        return float(layer.last_stats["utilization"])
+
+    def eval_utilization() -> float:
+        layer.eval()
+        with torch.no_grad():
+            layer(x)
+        return float(layer.last_stats["utilization"])
+
+    for step in range(2):
+        assert layer.warming and eval_utilization() == 1.0
+        assert train_step() == 1.0
+        assert layer.router_weight.grad is None and layer.router_bias.grad is None, step
+        assert layer.semantic[0].weight.grad is not None  # the semantic memory learns meanwhile
+    assert layer.trained_steps == 2 and not layer.warming
+    assert eval_utilization() == 0.0  # eval forwards do not count
+    train_step()
+    if target == "predict":
+        assert layer.router_bias.grad is not None
+    train_step()  # target="loss" learns from the previous step's probes
+    assert layer.router_bias.grad is not None and layer.trained_steps == 4
+
+
+def test_warmup_count_is_saved_with_the_state_dict():
+    layer = RoutedAttention(32, num_heads=4, warmup=5)
+    x = torch.randn(1, 9, 32)
+    for _ in range(3):
+        layer(x)
+    copy = RoutedAttention(32, num_heads=4, warmup=5)
+    copy.load_state_dict(layer.state_dict())
+    assert copy.trained_steps == 3 and copy.warming
+    for _ in range(2):
+        copy(x)
+    assert not copy.warming

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -14,7 +15,8 @@ class CRAMConfig:
     """Shape and routing of a CRAMModel.
 
     Token inputs when `vocab_size` is set (logits over it come out), continuous
-    inputs of `input_dim` channels otherwise (`output_dim` channels come out).
+    inputs of `input_dim` channels otherwise (`output_dim` channels come out). `routed`
+    holds RoutedAttention keyword arguments beyond its shape (empty: the layer's defaults).
     """
 
     d_model: int = 64
@@ -26,16 +28,7 @@ class CRAMConfig:
     output_dim: int | None = None
     state_dim: int | None = None
     mlp_ratio: int = 4
-    threshold: float = 0.3
-    explore: float = 0.02
-    tol: float = 0.3
-    router_bias_init: float = 3.0
-    routing: str = "learned"
-    budget: float = 0.1
-    target: str = "predict"
-    probe: float = 0.05
-    loss_tol: float = 0.01
-    memory: bool = False
+    routed: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.vocab_size is None) == (self.input_dim is None):
@@ -52,11 +45,7 @@ class CRAMBlock(nn.Module):
         d = cfg.d_model
         self.norm_memory, self.norm_attn, self.norm_mlp = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.memory = WorkingMemory(d, cfg.state_dim)
-        self.attn = RoutedAttention(
-            d, cfg.num_heads, cfg.num_kv_heads, threshold=cfg.threshold, explore=cfg.explore, tol=cfg.tol,
-            router_bias_init=cfg.router_bias_init, routing=cfg.routing, budget=cfg.budget, target=cfg.target,
-            probe=cfg.probe, loss_tol=cfg.loss_tol, memory=cfg.memory,
-        )
+        self.attn = RoutedAttention(d, cfg.num_heads, cfg.num_kv_heads, **cfg.routed)
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
 
     def forward(self, x: Tensor, dt: Tensor | None = None) -> Tensor:

@@ -46,6 +46,10 @@ class RoutedAttention(nn.Module):
             target says "still needs attention".
         router_bias_init: initial router bias; high, so everything starts routed and
             attention use has to fall as consolidation succeeds.
+        warmup: training forwards during which every token attends (in training and in
+            eval) and the router does not learn (its parameters get no gradient), so that
+            attention learns what it is for before the router may drop it. The count,
+            `trained_steps`, is saved with the state dict.
         routing: "learned" (the CRAM router above); or a baseline: "dense" (every token
             attends), "none" (no token attends: the semantic MLP everywhere), "topk" (each
             row routes its round(budget * T) tokens of highest router score, a fixed
@@ -84,6 +88,7 @@ class RoutedAttention(nn.Module):
         explore: float = 0.02,
         tol: float = 0.3,
         router_bias_init: float = 3.0,
+        warmup: int = 1000,
         routing: str = "learned",
         budget: float = 0.1,
         target: str = "predict",
@@ -109,6 +114,10 @@ class RoutedAttention(nn.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.threshold, self.explore, self.tol = threshold, explore, tol
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
+        self.warmup = warmup
+        self.trained_steps = 0
         self.target, self.probe, self.loss_tol = target, probe, loss_tol
         inner, kv_inner = num_heads * self.head_dim, num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, inner, bias=False)
@@ -156,7 +165,20 @@ class RoutedAttention(nn.Module):
         self.last_stats = self._stats(r.mask)
         self.last_mask, self.last_probe = r.mask, probe
         self.aux_loss = self._consolidation_losses(semantic, attn, r.prob, r.mask, z) if self.training else None
+        if self.training and self.routing == "learned":
+            self.trained_steps += 1
         return y
+
+    @property
+    def warming(self) -> bool:
+        """True while the router is in its warm-up (every token routed, the router frozen)."""
+        return self.routing == "learned" and self.trained_steps < self.warmup
+
+    def get_extra_state(self) -> dict:
+        return {"trained_steps": self.trained_steps}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.trained_steps = int(state["trained_steps"])
 
     def _measure_on_backward(self, mixed: Tensor, attn: Tensor, semantic: Tensor, z: Tensor, probe: Tensor) -> None:
         """When the task loss's gradient g reaches `mixed`, label every probe token: restoring
@@ -181,6 +203,8 @@ class RoutedAttention(nn.Module):
                 force = torch.rand(B, T, device=z.device) < self.explore
             if probe is not None:
                 force = probe if force is None else force | probe
+            if self.warming:
+                force = torch.ones(B, T, dtype=torch.bool, device=z.device)
         elif self.routing == "dense":
             threshold = -1.0  # prob > -1 always
         elif self.routing == "none":
@@ -219,6 +243,8 @@ class RoutedAttention(nn.Module):
         weight = mask.float()
         n = weight.sum().clamp_min(1.0)
         cons = (err * weight).sum() / n / semantic.shape[-1]
+        if self.warming:  # the router's parameters get no gradient (None, so AdamW leaves them as they are)
+            return cons
         if self.target == "loss":
             return cons + self._router_loss_from_probes(z.dtype)
         still_wrong = (err.detach() / (target.pow(2).sum(-1) + 1e-6) > self.tol).float()
