@@ -196,12 +196,57 @@ def routing_breakdown(run_dir: Path, examples: int = 512) -> dict:
     return {**layers[0], "layers": layers}
 
 
+def routing_kind(command: str) -> str:
+    """dense, static, none or learned, from a train command line."""
+    flags = command.split()
+    if "sdpa" in flags:
+        return "dense"
+    if "--routing" in flags:
+        return {"topk": "static"}.get(flags[flags.index("--routing") + 1], flags[flags.index("--routing") + 1])
+    return "learned"
+
+
+def plot_tradeoff(results: list[dict], out: Path, quality: str = "eval_bpb") -> Path:
+    """Final quality against final eval utilization (averaged over layers) of the runs of
+    scripts/run_many.py results, one series per kind of routing; written to out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        last = r["eval"][-1] if r.get("eval") else None
+        if last is not None and quality in last:
+            series.setdefault(routing_kind(r["command"]), []).append((last["eval_utilization"], last[quality]))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    styles = {"learned": "o-", "static": "s--", "dense": "D", "none": "X"}
+    for kind, points in sorted(series.items()):
+        points.sort()
+        ax.plot(*zip(*points), styles.get(kind, "o"), ms=6, label=kind)
+    ax.set_xlabel("utilization (fraction of tokens attending, mean over layers, eval)")
+    ax.set_ylabel(quality.replace("eval_", "validation ").replace("bpb", "bits per byte"))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, nargs="+", help="a run folder; with --tradeoff, run_many results files")
     p.add_argument("--routing", action="store_true",
                    help="print the routing breakdown (SRCD, MQAR) instead of plotting")
+    p.add_argument("--tradeoff", type=Path, metavar="PNG",
+                   help="plot final bits per byte against utilization of the runs in the results files")
     args = p.parse_args(argv)
+    if args.tradeoff:
+        results = [r for f in args.run_dir for r in json.loads(f.read_text())]
+        print(plot_tradeoff(results, args.tradeoff))
+        return 0
+    args.run_dir = args.run_dir[0]
     if args.routing:
         print(json.dumps(routing_breakdown(args.run_dir), indent=1))
     else:

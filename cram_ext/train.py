@@ -120,8 +120,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise checkpoint.RunError("--attention sdpa is the dense transformer: use it with --model transformer only")
     warmup = ROUTED_DEFAULTS["warmup"] if args.router_warmup is None else args.router_warmup
     if args.routing == "learned" and args.attention == "routed" and warmup >= args.steps:
-        print(f"warning: --router-warmup {warmup} >= --steps {args.steps}: every token stays routed",
-              file=sys.stderr)
+        print(f"warning: --router-warmup {warmup} >= --steps {args.steps}: the router never trains and every "
+              "token stays routed", file=sys.stderr)
 
 
 def resolve_device(name: str) -> torch.device:
