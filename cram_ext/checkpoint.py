@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +94,17 @@ def prepare_run_folder(out: Path, args: dict[str, Any], resume: bool, force: boo
             if diff:
                 raise RunError(f"--resume: {out} was run with other arguments ({'; '.join(diff)}). Resume with "
                                "the run's own arguments (its config.json), or start a new run in another folder.")
+            if saved.get("steps") not in (None, args.get("steps")):
+                print(f"--resume: --steps changed from {saved['steps']} to {args.get('steps')}: the learning-rate "
+                      "schedule follows the new total from the resumed step on", file=sys.stderr)
         return ckpt
     if existing and not force:
         raise RunError(f"{out} already holds a run ({', '.join(existing)}): pass --resume to continue it, --force to "
                        "replace it, or --out to write elsewhere.")
-    # Replacing: the old checkpoint must not be resumed into the new run's folder later.
-    for name in ("checkpoint.pt", "checkpoint.pt.tmp", "summary.json"):
-        (out / name).unlink(missing_ok=True)
+    # Replacing: nothing of the old run may be resumed or probed as the new run's later.
+    for path in [out / "checkpoint.pt", out / "checkpoint.pt.tmp", out / "summary.json", out / "probe.json",
+                 *out.glob("checkpoint-*.pt")]:
+        path.unlink(missing_ok=True)
     return None
 
 
@@ -110,10 +115,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[t
 
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
-    model_config = config.get("model_config", config.get("model"))  # older runs: "model"
-    if config.get("model") == "transformer":
-        model: torch.nn.Module = TransformerLM(TransformerConfig(**model_config))
+    if config["model"] == "transformer":
+        model: torch.nn.Module = TransformerLM(TransformerConfig(**config["model_config"]))
     else:
-        model = CRAMModel(CRAMConfig(**model_config))
+        model = CRAMModel(CRAMConfig(**config["model_config"]))
     model.load_state_dict(load(run_dir / "checkpoint.pt", map_location="cpu")["model"])
     return model.to(device).eval(), config

@@ -23,9 +23,9 @@ _debug = os.environ.get("CRAM_DEBUG", "0") not in ("", "0")
 
 
 def _check_same_device(op: str, **tensors: Tensor | None) -> None:
-    """Every tensor argument on the first one's device. The C++ launchers check this too,
-    but a meta tensor among CPU or CUDA ones would dispatch to the fake kernel and return
-    uninitialised memory before they run."""
+    """Every tensor argument on the first one's device, in the C++ launchers' words. Called
+    by the fake kernels: a meta tensor among CPU or CUDA ones dispatches to them (not to the
+    launchers, which check this themselves) and would return uninitialised memory."""
     given = [(name, t) for name, t in tensors.items() if isinstance(t, Tensor)]
     for name, t in given[1:]:
         if t.device != given[0][1].device:
@@ -66,18 +66,19 @@ def gated_scan(x: Tensor, log_a: Tensor, h0: Tensor | None = None) -> tuple[Tens
     (b, t, c) makes h[b, t:, c] and h_last[b, c] NaN and nothing else; log_a = -inf is a
     reset (exp(log_a) = 0 exactly, so h[:, t] = x[:, t] and its log_a gradient is 0).
     """
-    _check_same_device("gated_scan", x=x, log_a=log_a, h0=h0)
     return torch.ops.cram.gated_scan.default(x, log_a, h0)
 
 
 @torch.library.register_fake("cram::gated_scan")
 def _(x, log_a, h0):
+    _check_same_device("gated_scan", x=x, log_a=log_a, h0=h0)
     # The kernels write contiguous outputs whatever the inputs' strides: new_empty, not empty_like.
     return x.new_empty(x.shape), x.new_empty((x.shape[0], x.shape[2]), dtype=accumulate_dtype(x.dtype))
 
 
 @torch.library.register_fake("cram::gated_scan_backward")
 def _(grad_h, grad_h_last, log_a, h, h0):
+    _check_same_device("gated_scan_backward", grad_h=grad_h, grad_h_last=grad_h_last, log_a=log_a, h=h, h0=h0)
     return h.new_empty(h.shape), h.new_empty(h.shape), grad_h_last.new_empty(grad_h_last.shape)
 
 
@@ -124,12 +125,12 @@ def route(
     if not isinstance(bias, Tensor):
         # A fill kernel, not a host-to-device copy: capturable in a CUDA graph.
         bias = torch.full((), float(bias), dtype=torch.float32, device=hidden.device)
-    _check_same_device("route", hidden=hidden, weight=weight, bias=bias, force=force)
     return Route(*torch.ops.cram.route.default(hidden, weight, bias, float(threshold), force))
 
 
 @torch.library.register_fake("cram::route")
 def _(hidden, weight, bias, threshold, force):
+    _check_same_device("route", hidden=hidden, weight=weight, bias=bias, force=force)
     B, T = hidden.shape[0], hidden.shape[1]
     return (
         hidden.new_empty((B, T), dtype=accumulate_dtype(hidden.dtype)),
@@ -141,6 +142,7 @@ def _(hidden, weight, bias, threshold, force):
 
 @torch.library.register_fake("cram::route_backward")
 def _(grad_prob, prob, hidden, weight):
+    _check_same_device("route_backward", grad_prob=grad_prob, prob=prob, hidden=hidden, weight=weight)
     return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), prob.new_empty(())
 
 
@@ -247,7 +249,6 @@ def routed_attention(
     if not isinstance(deterministic, bool):
         raise TypeError(f"routed_attention: deterministic must be a bool, got {type(deterministic).__name__}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    _check_same_device("routed_attention", q=q, k=k, v=v, index=index, counts=counts)
     if _debug:
         check_route(index, counts, q.shape[1])
     return torch.ops.cram.routed_attention.default(q, k, v, index, counts, scale, deterministic)
@@ -255,12 +256,15 @@ def routed_attention(
 
 @torch.library.register_fake("cram::routed_attention")
 def _(q, k, v, index, counts, softmax_scale, deterministic=False):
+    _check_same_device("routed_attention", q=q, k=k, v=v, index=index, counts=counts)
     B, T, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=accumulate_dtype(q.dtype))
 
 
 @torch.library.register_fake("cram::routed_attention_backward")
 def _(grad_out, q, k, v, out, lse, index, counts, softmax_scale, deterministic=False):
+    _check_same_device("routed_attention_backward", grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse,
+                       index=index, counts=counts)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

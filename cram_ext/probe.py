@@ -4,7 +4,7 @@ predict from the hidden state alone?
     python -m cram_ext.probe RUN_DIR [--tol 0.1 0.3 0.5] [--examples 256]
 
 For each checkpoint of RUN_DIR (checkpoint-<step>.pt, written with --keep-checkpoints, and
-the final checkpoint.pt) of a run with --model transformer (any attention), and for each
+the final checkpoint.pt) of a run with --model transformer --attention sdpa, and for each
 layer: collect, on held-out examples, the attention layer's input (its normalised hidden
 state) and its output before the output projection; fit a predictor of the output from the
 input (an MLP of the semantic memory's shape, on the first half of the tokens); report on
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint
-from .models import TransformerConfig, TransformerLM
+from .models import TransformerLM
 from .tasks import make_task
 
 
@@ -89,12 +89,15 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def probe_run(run_dir: Path, tols: list[float], examples: int = 256) -> dict:
     cfg = json.loads((run_dir / "config.json").read_text())
-    if cfg.get("model") != "transformer":
-        raise checkpoint.RunError(f"{run_dir}: the probe reads --model transformer runs, this is {cfg.get('model')!r}")
+    if cfg.get("model") != "transformer" or cfg["model_config"].get("attention") != "sdpa":
+        # A routed layer's pre-projection output is the semantic memory's own at the tokens it
+        # did not route: predictable from the hidden state by construction.
+        raise checkpoint.RunError(f"{run_dir}: the probe reads dense transformer runs (--model transformer "
+                                  "--attention sdpa)")
     args = argparse.Namespace(**{k: v for k, v in cfg.items() if k not in ("model_config", "data")})
     task = make_task(args)
     batch = task.eval_batch(examples, args.seed + 1, torch.device("cpu"))
-    model = TransformerLM(TransformerConfig(**cfg["model_config"]))
+    model, _ = checkpoint.load_run(run_dir)
     heads = model.cfg.num_heads
     out = {"run": str(run_dir), "tolerances": tols, "examples": examples, "steps": []}
     for step, path in checkpoints(run_dir):

@@ -4,8 +4,8 @@
 - mqar: multi-query associative recall with recurring pairs, tokens.
 - lm: byte-level language modelling on the Python standard library's source (data/text.py).
 
-A task's `evaluate` returns its quality metrics (named in `quality`, with whether higher is
-better) and the routing's: eval_utilization (mean over layers and per layer) and
+A task's `evaluate` returns its quality metrics (the one summaries lead with named in
+`quality`) and the routing's: eval_utilization (mean over layers and per layer) and
 eval_attn_flop_fraction, measured in eval mode (no exploration or probes).
 """
 
@@ -50,7 +50,7 @@ def routing_stats(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
 class Task:
     """What the trainer needs of a task."""
 
-    quality: tuple[str, bool]  # (the metric summaries lead with, higher is better)
+    quality: str  # the metric summaries lead with
 
     def model_config(self) -> dict: ...
     def batch(self, n: int, seed: int, device: torch.device) -> dict[str, Tensor]: ...
@@ -99,7 +99,7 @@ class Task:
 class RetrievalTask(Task):
     """Accuracy at query positions (labels != IGNORE), novel and recurring keys apart."""
 
-    quality = ("retrieval_acc", True)
+    quality = "retrieval_acc"
 
     def _metric_sums(self, out, pred, batch):
         q = batch["labels"] != IGNORE
@@ -191,7 +191,7 @@ class MQARTask(RetrievalTask):
 class LMTask(Task):
     """Next-byte prediction on the standard library's source; quality: validation bits per byte."""
 
-    quality = ("eval_bpb", False)
+    quality = "eval_bpb"
 
     def __init__(self, args: argparse.Namespace, **variant: Any) -> None:
         self.seq_len = variant.get("seq_len", args.seq_len)

@@ -187,10 +187,6 @@ def restore(out: Path, args, model, optimizer) -> tuple[int, float]:
         return 0, 0.0
     # On the CPU: the RNG states must stay there; load_state_dict moves the rest.
     state = checkpoint.load(resume_from, map_location="cpu")
-    saved_steps = json.loads((out / "config.json").read_text()).get("steps")
-    if saved_steps is not None and saved_steps != args.steps:
-        print(f"--resume: --steps changed from {saved_steps} to {args.steps}: the learning-rate schedule follows "
-              f"the new total from step {state['step'] + 1} on", file=sys.stderr)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
@@ -227,7 +223,7 @@ def run(args: argparse.Namespace) -> dict:
 
         progress = tqdm(total=args.steps, initial=start, desc=f"{args.task}/{args.routing}", file=sys.stdout,
                         dynamic_ncols=True)
-    quality = task.quality[0]
+    quality = task.quality
     t0 = time.perf_counter()
     model.train()
     with open(out / "metrics.jsonl", "a") as log:

@@ -108,6 +108,31 @@ def assert_close_rel(
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
+def grad_floor(grad_out: torch.Tensor) -> float:
+    """Scale below which a gradient counts as 0: a query that sees a single key has a
+    constant softmax, so the exact gradients of q and of that key are 0 and the ops return
+    rounding noise, whose size relative to 0 means nothing. Typical gradients are about 0.3
+    of ||grad_out||; a tenth of it is the floor."""
+    return 0.1 * torch.linalg.vector_norm(grad_out.double()).item()
+
+
+def assert_same_state(a, b, where: str = "") -> None:
+    """Bitwise equality of two state dicts, or of anything in them (tensors, a module's extra
+    state: dicts, tuples, numbers, None)."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys differ"
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}" if where else str(k))
+    elif isinstance(a, (tuple, list)):
+        assert type(a) is type(b) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
 def at_offset(t: torch.Tensor, offset: int = 1) -> torch.Tensor:
     """A contiguous copy of t whose data starts `offset` elements into its storage: a
     pointer that is not 16-byte aligned, for kernels with vectorised loads."""

@@ -107,6 +107,10 @@ def run_shard(args, op: str, shard: int, tmp: Path, deadline: float | None) -> d
             break
         if failed:
             result["failures"].extend(failed)
+        elif started and f"ok {started[-1]}" in lines:  # every case passed; the exit came after them
+            result["failures"].append({"op": op, "case": None, "error": f"worker exit code {rc} after its last case"})
+            result["logs"].append(text[-4000:])
+            break
         elif started:  # killed by the sanitizer or a crash while running a case
             i = started[-1]
             result["failures"].append({"op": op, "case": i, "seed": args.seed, "error": f"worker exit code {rc}",

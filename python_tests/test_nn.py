@@ -241,8 +241,10 @@ def test_loss_target_labels_probes_by_the_loss_they_would_gain(device):
         z = _z(x)
         g = c @ layer.out_proj.weight
         gain = -((_dense_attention(layer, x) - layer.semantic(z)) * g).sum(-1) * B * T
-    z_probe, needed = layer._probe_labels
-    torch.testing.assert_close(z_probe, z[probe])
+    z_all, needed_all, weight = layer._probe_labels
+    assert torch.equal(weight, probe.float())
+    torch.testing.assert_close(z_all, z)
+    z_probe, needed = z[probe], needed_all[probe]
     near = (gain[probe] - layer.loss_tol).abs() < 1e-3 * gain.abs().max()  # rounding may flip a tie
     assert torch.equal(needed[~near], (gain[probe] > layer.loss_tol)[~near])
     assert needed.any() and (~needed).any()
@@ -302,7 +304,7 @@ def test_warmup_routes_everything_and_freezes_the_router(device, target):
 
     for step in range(2):
         assert layer.warming and eval_utilization() == 1.0
-        assert train_step() == 1.0
+        assert train_step() == 1.0 and layer.last_probe is None  # no probes: every token attends
         assert layer.router_weight.grad is None and layer.router_bias.grad is None, step
         assert layer.semantic[0].weight.grad is not None  # the semantic memory learns meanwhile
     assert layer.trained_steps == 2 and not layer.warming
@@ -312,6 +314,36 @@ def test_warmup_routes_everything_and_freezes_the_router(device, target):
         assert layer.router_bias.grad is not None
     train_step()  # target="loss" learns from the previous step's probes
     assert layer.router_bias.grad is not None and layer.trained_steps == 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_warmup_freezes_the_topk_router_too(device):
+    """routing="topk" keeps its budget during the warm-up, and its router gets no gradient
+    until the warm-up is over."""
+    layer, e = _layer(device, warmup=1, routing="topk", budget=0.25)
+    layer.train()
+    x = torch.randn(2, 32, e, device=device)
+    for frozen in (True, False):
+        layer.zero_grad(set_to_none=True)
+        (layer(x).square().mean() + layer.aux_loss).backward()
+        assert float(layer.last_stats["utilization"]) == 0.25
+        assert (layer.router_weight.grad is None) == frozen
+
+
+def test_probe_labels_are_saved_with_the_state_dict():
+    """The labels the next step's router loss reads travel with the state dict (only the
+    probes' rows), so a resumed run adds the same router loss as one never stopped."""
+    torch.manual_seed(0)
+    layer = RoutedAttention(32, num_heads=4, target="loss", probe=0.3, warmup=0)
+    x = torch.randn(2, 21, 32)
+    layer(x).square().sum().backward()
+    copy = RoutedAttention(32, num_heads=4, target="loss", probe=0.3, warmup=0)
+    copy.load_state_dict(layer.state_dict())
+    probe = layer.last_probe
+    z, needed, weight = copy._probe_labels
+    assert torch.equal(weight, probe.float()) and torch.equal(needed, layer._probe_labels[1])
+    assert torch.equal(z[probe], layer._probe_labels[0][probe]) and not z[~probe].any()
+    assert torch.equal(copy._router_loss_from_probes(torch.float32), layer._router_loss_from_probes(torch.float32))
 
 
 def test_warmup_count_is_saved_with_the_state_dict():

@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 
-from cram_ext import analysis, train
+from conftest import assert_same_state
+
+from cram_ext import analysis, checkpoint, train
 
 TINY = ["--device", "cpu", "--no-progress", "--d-model", "32", "--heads", "2", "--seq-len", "48",
         "--num-stores", "4", "--num-queries", "2", "--num-keys", "24", "--num-recurring-pairs", "6",
@@ -74,19 +76,19 @@ def test_router_lr_scale(tmp_path):
         assert not torch.equal(trained[k], frozen[k]), f"{k} did not train at scale 1"
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("target", ["predict", "loss"])
+def test_resume_is_exact(tmp_path, target):
     """20 steps, stop, resume to 40: the same weights and the same logged losses as 40 steps
-    in one go."""
-    common = TINY + ["--eval-every", "20", "--ckpt-every", "20", "--no-transfer", "--router-warmup", "5"]
+    in one go (target="loss": step 20's router loss reads step 19's probe labels)."""
+    common = TINY + ["--eval-every", "20", "--ckpt-every", "20", "--no-transfer", "--router-warmup", "5",
+                     "--target", target]
     whole, split = tmp_path / "whole", tmp_path / "split"
     train.run(train.build_parser().parse_args(common + ["--steps", "40", "--out", str(whole)]))
     train.run(train.build_parser().parse_args(common + ["--steps", "20", "--out", str(split)]))
     train.run(train.build_parser().parse_args(common + ["--steps", "40", "--out", str(split), "--resume"]))
     a = torch.load(whole / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(split / "checkpoint.pt", weights_only=False)["model"]
-    assert a.keys() == b.keys()
-    for k in a:  # tensors, and each layer's extra state (its warm-up count)
-        assert torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k], f"{k} differs after resume"
+    assert_same_state(a, b, "after resume")
     strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]  # noqa: E731
     assert strip(read(whole / "metrics.jsonl")) == strip(read(split / "metrics.jsonl"))
 
@@ -181,6 +183,12 @@ def test_redundancy_probe_reads_kept_checkpoints(tmp_path):
         assert len(s["layers"]) == 2
         for layer in s["layers"]:
             assert 0.0 <= layer["0.1"] <= layer["0.5"] <= 1.0
+    # A routed run's layer output is the semantic memory's at unrouted tokens: refused.
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_config"]["attention"] = "routed"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(checkpoint.RunError, match="dense"):
+        probe.probe_run(tmp_path, [0.1])
 
 
 def test_load_run_and_mqar_breakdown(tmp_path):

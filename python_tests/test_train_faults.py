@@ -15,6 +15,8 @@ import time
 import pytest
 import torch
 
+from conftest import assert_same_state
+
 from cram_ext import checkpoint, train
 
 ARGS = ["--device", "cpu", "--no-progress", "--d-model", "32", "--heads", "2", "--seq-len", "48",
@@ -38,8 +40,7 @@ def assert_same_run(a, b):
     assert summary(a) == summary(b), "summaries differ"
     wa = torch.load(a / "checkpoint.pt", weights_only=True)["model"]
     wb = torch.load(b / "checkpoint.pt", weights_only=True)["model"]
-    for k in wa:  # tensors, and each layer's extra state (its warm-up count)
-        assert torch.equal(wa[k], wb[k]) if torch.is_tensor(wa[k]) else wa[k] == wb[k], f"{k} differs"
+    assert_same_state(wa, wb)
 
 
 def trainer(out, *extra):
@@ -131,8 +132,10 @@ def test_resume_with_other_arguments_is_refused(tmp_path, whole):
 
 def test_new_run_over_an_old_one_needs_force(tmp_path, whole):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "checkpoint-500.pt").write_text("an old run's kept checkpoint")
     cmd, env = trainer(tmp_path, "--steps", "2")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "--force" in r.stderr and "Traceback" not in r.stderr
     subprocess.run(cmd + ["--force"], env=env, check=True, capture_output=True)
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+    assert not (tmp_path / "checkpoint-500.pt").exists(), "the probe would read the old run's checkpoint"

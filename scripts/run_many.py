@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from cram_ext.analysis import read_metrics
+
 
 def collect(name: str, args: list[str], run_dir: Path, status: str, wall_s: float) -> dict:
     record: dict = {"name": name, "command": "python -m cram_ext.train " + " ".join(args), "status": status,
@@ -27,9 +29,8 @@ def collect(name: str, args: list[str], run_dir: Path, status: str, wall_s: floa
     summary = run_dir / "summary.json"
     if summary.exists():
         record["summary"] = json.loads(summary.read_text())
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if (run_dir / "metrics.jsonl").exists():
+        rows = read_metrics(run_dir)  # a run killed at the budget may have cut its last line short
         record["eval"] = [{k: v for k, v in r.items() if k == "step" or k.startswith(("eval_", "retrieval_"))}
                           for r in rows if "eval_utilization" in r]
         record["train_last"] = next((r for r in reversed(rows) if "loss" in r), None)

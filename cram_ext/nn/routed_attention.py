@@ -46,10 +46,10 @@ class RoutedAttention(nn.Module):
             target says "still needs attention".
         router_bias_init: initial router bias; high, so everything starts routed and
             attention use has to fall as consolidation succeeds.
-        warmup: training forwards during which every token attends (in training and in
-            eval) and the router does not learn (its parameters get no gradient), so that
-            attention learns what it is for before the router may drop it. The count,
-            `trained_steps`, is saved with the state dict.
+        warmup: training forwards during which the router does not learn (its parameters
+            get no gradient) and, with routing="learned", every token attends (in training
+            and in eval, no probes), so that attention learns what it is for before the
+            router may drop it. The count, `trained_steps`, is saved with the state dict.
         routing: "learned" (the CRAM router above); or a baseline: "dense" (every token
             attends), "none" (no token attends: the semantic MLP everywhere), "topk" (each
             row routes its round(budget * T) tokens of highest router score, a fixed
@@ -68,7 +68,9 @@ class RoutedAttention(nn.Module):
             step's probes. `loss_tol` assumes a task loss averaged over the batch's tokens.
         probe, loss_tol: see target="loss".
         memory: the router and the semantic memory read the normalised input plus a gated
-            scan over it (a causal summary of the past), trained by their own losses only.
+            scan over it (a causal summary of the past). The scan learns through the semantic
+            memory (its distillation, and the task loss where its output is used), never
+            through the layer's input.
 
     After each forward, `last_stats` holds `utilization` (routed / all tokens) and
     `attn_flop_fraction` (sum of (t+1) over routed t / over all t) as detached 0-dim
@@ -133,8 +135,9 @@ class RoutedAttention(nn.Module):
         self.last_mask: Tensor | None = None
         self.last_probe: Tensor | None = None
         self.aux_loss: Tensor | None = None
-        # target="loss": (router input, needs attention) of the last training step's probes.
-        self._probe_labels: tuple[Tensor, Tensor] | None = None
+        # target="loss": (router input, needs attention, weight) of the last training step,
+        # weight 1 at its probes and 0 elsewhere (dense tensors: no host sync to select them).
+        self._probe_labels: tuple[Tensor, Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.q_proj.in_features:
@@ -146,7 +149,8 @@ class RoutedAttention(nn.Module):
         if self.memory is not None:
             z = z + self.memory(z)
         probe = None
-        if self.training and self.routing == "learned" and self.target == "loss" and self.probe > 0:
+        learning = self.training and self.routing == "learned" and not self.warming
+        if learning and self.target == "loss" and self.probe > 0:
             probe = torch.rand(B, T, device=x.device) < self.probe
         r = self._route(z, probe)
 
@@ -165,20 +169,33 @@ class RoutedAttention(nn.Module):
         self.last_stats = self._stats(r.mask)
         self.last_mask, self.last_probe = r.mask, probe
         self.aux_loss = self._consolidation_losses(semantic, attn, r.prob, r.mask, z) if self.training else None
-        if self.training and self.routing == "learned":
+        if self.training:
             self.trained_steps += 1
         return y
 
     @property
     def warming(self) -> bool:
-        """True while the router is in its warm-up (every token routed, the router frozen)."""
-        return self.routing == "learned" and self.trained_steps < self.warmup
+        """True during the warm-up: the router frozen, and with routing="learned" every token routed."""
+        return self.trained_steps < self.warmup
 
     def get_extra_state(self) -> dict:
-        return {"trained_steps": self.trained_steps}
+        """The warm-up count and the probe labels the next training step's router loss reads,
+        so that a resumed run continues exactly (of the router's input, the probes' rows only)."""
+        labels = None
+        if self._probe_labels is not None:
+            z, needed, weight = self._probe_labels
+            labels = {"z_probes": z[weight > 0], "needed": needed, "weight": weight}
+        return {"trained_steps": self.trained_steps, "probe_labels": labels}
 
     def set_extra_state(self, state: dict) -> None:
         self.trained_steps = int(state["trained_steps"])
+        labels, self._probe_labels = state.get("probe_labels"), None
+        if labels is not None:
+            # Zero rows elsewhere: their weight is 0, so the router loss is the same sum.
+            weight = labels["weight"]
+            z = labels["z_probes"].new_zeros(*weight.shape, labels["z_probes"].shape[-1])
+            z[weight > 0] = labels["z_probes"]
+            self._probe_labels = (z, labels["needed"], weight)
 
     def _measure_on_backward(self, mixed: Tensor, attn: Tensor, semantic: Tensor, z: Tensor, probe: Tensor) -> None:
         """When the task loss's gradient g reaches `mixed`, label every probe token: restoring
@@ -189,9 +206,8 @@ class RoutedAttention(nn.Module):
 
         def hook(grad: Tensor) -> None:
             with torch.no_grad():
-                delta = ((attn.float() - semantic.float()) * grad.float()).sum(-1)
-                gain = -delta[probe] * n_tokens
-                self._probe_labels = (z[probe], gain > self.loss_tol)
+                gain = -((attn.float() - semantic.float()) * grad.float()).sum(-1) * n_tokens
+                self._probe_labels = (z, gain > self.loss_tol, probe.float())
 
         mixed.register_hook(hook)
 
@@ -204,7 +220,7 @@ class RoutedAttention(nn.Module):
             if probe is not None:
                 force = probe if force is None else force | probe
             if self.warming:
-                force = torch.ones(B, T, dtype=torch.bool, device=z.device)
+                threshold = -1.0  # as "dense"
         elif self.routing == "dense":
             threshold = -1.0  # prob > -1 always
         elif self.routing == "none":
@@ -252,11 +268,11 @@ class RoutedAttention(nn.Module):
 
     def _router_loss_from_probes(self, dtype: torch.dtype) -> Tensor:
         """BCE of the router on the last training step's probe labels (0 before the first)."""
-        if self._probe_labels is None or self._probe_labels[1].numel() == 0:
+        if self._probe_labels is None:
             return self.router_bias * 0.0
-        z, needed = self._probe_labels
+        z, needed, weight = (t.to(self.router_weight.device) for t in self._probe_labels)
         prob = torch.sigmoid((z.to(dtype) @ self.router_weight.to(dtype)).float() + self.router_bias)
-        return _bce(prob, needed.float()).mean()
+        return (_bce(prob, needed.float()) * weight).sum() / weight.sum().clamp_min(1.0)
 
     @staticmethod
     def _stats(mask: Tensor) -> dict[str, Tensor]:

@@ -1,8 +1,8 @@
 // exp written with plain arithmetic so that the compiler vectorises the loops that
 // call it (std::exp is an opaque libm call and keeps a loop scalar without
 // -ffast-math). Cody-Waite range reduction and a degree-6 polynomial: within
-// 2 ulp of std::exp on [-87, 88]; 0 below (the subnormal range is flushed, as the GPU's
-// __expf does); exp(88) above; NaN for NaN. Exact 0 at -inf matters: log_a = -inf is the
+// 2 ulp of std::exp on [-87, 88]; 0 below -87 (off by less than exp(-87) = 1.65e-38: the
+// bottom of the normal range and the subnormals); exp(88) above; NaN for NaN. Exact 0 at -inf matters: log_a = -inf is the
 // scan's reset, h[t] = x[t], and its gradient must be exactly 0.
 #pragma once
 
