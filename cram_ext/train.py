@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--heads", type=int, default=4)
     m.add_argument("--attention", choices=["routed", "sdpa"], default="routed",
                    help="--model transformer: RoutedAttention or dense scaled_dot_product_attention")
+    m.add_argument("--positions", choices=["learned", "rope"], default="learned",
+                   help="--model transformer: learned absolute position embeddings or rotary ones in attention")
     # RoutedAttention's arguments: left out, each takes the layer's own default (ROUTED_DEFAULTS).
     m.add_argument("--threshold", type=float, help="a token is routed when the router's probability exceeds this")
     m.add_argument("--explore", type=float, help="fraction of tokens force-routed in training")
@@ -116,6 +118,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise checkpoint.RunError(f"these must be positive: {', '.join(bad)}")
     if args.task == "srcd" and args.model != "cram":
         raise checkpoint.RunError("--task srcd has continuous inputs: it needs --model cram")
+    if args.positions != "learned" and args.model != "transformer":
+        raise checkpoint.RunError("--positions is a choice of --model transformer (the CRAM model's working memory "
+                                  "orders its inputs)")
     if args.attention == "sdpa" and (args.model != "transformer" or args.routing != "learned"):
         raise checkpoint.RunError("--attention sdpa is the dense transformer: use it with --model transformer only")
     warmup = ROUTED_DEFAULTS["warmup"] if args.router_warmup is None else args.router_warmup
@@ -147,7 +152,7 @@ def build_model(args: argparse.Namespace, task: Task) -> tuple[nn.Module, dict]:
                          **{k: v for k, v in shape.items() if k != "max_len"})
         return CRAMModel(cfg), dataclasses.asdict(cfg)
     tcfg = TransformerConfig(d_model=args.d_model, n_layers=args.layers, num_heads=args.heads,
-                             attention=args.attention, routed=routed, **shape)
+                             attention=args.attention, positions=args.positions, routed=routed, **shape)
     return TransformerLM(tcfg), dataclasses.asdict(tcfg)
 
 

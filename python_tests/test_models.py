@@ -7,6 +7,7 @@ import torch
 from conftest import DEVICES
 
 from cram_ext import CRAMConfig, CRAMModel, aux_losses
+from cram_ext.nn import apply_rotary
 from cram_ext.models import TransformerConfig, TransformerLM
 
 
@@ -97,3 +98,43 @@ def test_transformer_trains_every_parameter(device, attention):
 def test_transformer_config_rejects_unknown_attention():
     with pytest.raises(ValueError, match="attention"):
         TransformerConfig(vocab_size=10, attention="flash")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_transformer_routed_at_init_equals_dense(device):
+    """Rotary positions inside both attentions: still the same function at initialisation."""
+    routed, dense = _transformer(device, "routed", positions="rope"), _transformer(device, "sdpa", positions="rope")
+    assert routed.pos is None
+    dense.load_state_dict(routed.state_dict(), strict=False)
+    routed.eval(), dense.eval()
+    tokens = torch.randint(0, 61, (3, 40), device=device)
+    with torch.no_grad():
+        a, b = routed(tokens), dense(tokens)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if device == "cpu" else {"rtol": 3e-2, "atol": 3e-2}
+    torch.testing.assert_close(a, b, **tol)
+
+
+def test_rotary_scores_depend_on_the_offset_only():
+    """<R_s q, R_t k> is a function of t - s: shifting both positions leaves every score unchanged,
+    while the scores themselves do change with the offset."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 2, 16, dtype=torch.float64), torch.randn(1, 1, 2, 16, dtype=torch.float64)
+
+    def score(s: int, t: int) -> torch.Tensor:
+        T = max(s, t) + 1
+        qs = torch.zeros(1, T, 2, 16, dtype=torch.float64)
+        ks = torch.zeros_like(qs)
+        qs[:, s], ks[:, t] = q[:, 0], k[:, 0]
+        return (apply_rotary(qs)[:, s] * apply_rotary(ks)[:, t]).sum(-1)
+
+    tol = {"rtol": 1e-5, "atol": 1e-5}  # the angles are float32
+    torch.testing.assert_close(score(3, 1), score(10, 8), **tol)
+    torch.testing.assert_close(score(0, 0), (q * k).sum(-1)[:, 0], **tol)
+    assert not torch.allclose(score(3, 1), score(3, 2))
+    with pytest.raises(ValueError, match="even"):
+        apply_rotary(torch.randn(1, 2, 1, 5))
+
+
+def test_transformer_config_rejects_unknown_positions():
+    with pytest.raises(ValueError, match="positions"):
+        TransformerConfig(vocab_size=10, positions="alibi")

@@ -40,8 +40,6 @@ for stage in "${stages[@]}"; do
         export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
       fi
       run_stage build env MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install --no-build-isolation -e . -v
-      # Hand the built extension back so a later call can carry it instead of rebuilding.
-      cp cram_ext/_C.cpython-3*-x86_64-linux-gnu.so "$OUT/" 2>/dev/null
       python3 -c "import cram_ext, json; print(json.dumps(cram_ext.build_info()))" | tee "$OUT/build_info.json" ;;
     prebuilt)  # a carried cram_ext/_C*.so from an earlier build stage: import from the tree
       export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}

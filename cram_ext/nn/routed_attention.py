@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from ..ops import route, routed_attention
 from ..route_types import Route
+from .rotary import apply_rotary
 from .working_memory import WorkingMemory
 
 ROUTING_MODES = ("learned", "dense", "none", "topk")
@@ -67,8 +68,11 @@ class RoutedAttention(nn.Module):
             restoring attention would gain. The router learns from the last training
             step's probes. `loss_tol` assumes a task loss averaged over the batch's tokens.
         probe, loss_tol: see target="loss".
+        rope_base: when given, queries and keys get rotary position embeddings of this base
+            (apply_rotary), as in Llama-style models; None: no positions inside the layer.
         memory: the router and the semantic memory read the normalised input plus a gated
-            scan over it (a causal summary of the past). The scan learns through the semantic
+            scan over a short causal convolution of it (WorkingMemory with conv_width=4: the
+            last few tokens apart, and a causal summary of the past). The scan learns through the semantic
             memory (its distillation, and the task loss where its output is used), never
             through the layer's input.
 
@@ -97,6 +101,7 @@ class RoutedAttention(nn.Module):
         probe: float = 0.05,
         loss_tol: float = 0.01,
         memory: bool = False,
+        rope_base: float | None = None,
     ) -> None:
         super().__init__()
         if routing not in ROUTING_MODES:
@@ -121,6 +126,9 @@ class RoutedAttention(nn.Module):
         self.warmup = warmup
         self.trained_steps = 0
         self.target, self.probe, self.loss_tol = target, probe, loss_tol
+        if rope_base is not None and self.head_dim % 2:
+            raise ValueError(f"rope_base needs an even head dim, got {embed_dim // num_heads}")
+        self.rope_base = rope_base
         inner, kv_inner = num_heads * self.head_dim, num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, inner, bias=False)
         self.k_proj = nn.Linear(embed_dim, kv_inner, bias=False)
@@ -130,7 +138,7 @@ class RoutedAttention(nn.Module):
         self.router_bias = nn.Parameter(torch.tensor(float(router_bias_init)))
         hidden = 2 * embed_dim if semantic_hidden is None else semantic_hidden
         self.semantic = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, inner))
-        self.memory = WorkingMemory(embed_dim) if memory else None
+        self.memory = WorkingMemory(embed_dim, conv_width=4) if memory else None
         self.last_stats: dict[str, Tensor] = {}
         self.last_mask: Tensor | None = None
         self.last_probe: Tensor | None = None
@@ -157,6 +165,8 @@ class RoutedAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.rope_base is not None:
+            q, k = apply_rotary(q, self.rope_base), apply_rotary(k, self.rope_base)
         attn = self._attend(q, k, v, r)
         semantic = self.semantic(z)
         # Probes: attention computed, the semantic memory's output used (see target="loss").
