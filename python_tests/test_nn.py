@@ -223,8 +223,8 @@ def test_bf16_autocast_training_step(device):
 def test_loss_target_labels_probes_by_the_loss_they_would_gain(device):
     """target="loss" on a hand-built loss L = sum(c * y): its gradient at the layer's mixed
     output is c @ W_out, so a probe token's label is known in closed form:
-    needed = -<c W_out, attn - semantic> * B * T > loss_tol. The next step's router loss is
-    the BCE of the router on those labels."""
+    needed = -<c W_out, attn - semantic> * B * T > loss_tol, weighted by |gain - loss_tol|.
+    The next step's router loss is the router's BCE on those labels with those weights."""
     layer, e = _layer(device, target="loss", probe=0.5, loss_tol=0.05)
     with torch.no_grad():
         layer.router_weight.normal_(std=0.3)
@@ -242,7 +242,8 @@ def test_loss_target_labels_probes_by_the_loss_they_would_gain(device):
         g = c @ layer.out_proj.weight
         gain = -((_dense_attention(layer, x) - layer.semantic(z)) * g).sum(-1) * B * T
     z_all, needed_all, weight = layer._probe_labels
-    assert torch.equal(weight, probe.float())
+    assert (weight[~probe] == 0).all()
+    torch.testing.assert_close(weight[probe], (gain[probe] - layer.loss_tol).abs(), rtol=1e-3, atol=1e-3 * gain.abs().max())
     torch.testing.assert_close(z_all, z)
     z_probe, needed = z[probe], needed_all[probe]
     near = (gain[probe] - layer.loss_tol).abs() < 1e-3 * gain.abs().max()  # rounding may flip a tie
@@ -252,7 +253,8 @@ def test_loss_target_labels_probes_by_the_loss_they_would_gain(device):
     layer.eval()
     with torch.no_grad():
         prob = torch.sigmoid(z_probe @ layer.router_weight + layer.router_bias)
-        expected = -(needed * prob.log() + (~needed) * (1 - prob).log()).mean()
+        w = weight[probe]
+        expected = -((needed * prob.log() + (~needed) * (1 - prob).log()) * w).sum() / w.sum()
         layer.train()
         torch.manual_seed(0)
         layer(x)
@@ -341,7 +343,8 @@ def test_probe_labels_are_saved_with_the_state_dict():
     copy.load_state_dict(layer.state_dict())
     probe = layer.last_probe
     z, needed, weight = copy._probe_labels
-    assert torch.equal(weight, probe.float()) and torch.equal(needed, layer._probe_labels[1])
+    assert torch.equal(weight, layer._probe_labels[2]) and (weight[~probe] == 0).all()
+    assert torch.equal(needed, layer._probe_labels[1])
     assert torch.equal(z[probe], layer._probe_labels[0][probe]) and not z[~probe].any()
     assert torch.equal(copy._router_loss_from_probes(torch.float32), layer._router_loss_from_probes(torch.float32))
 

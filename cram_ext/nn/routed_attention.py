@@ -66,7 +66,8 @@ class RoutedAttention(nn.Module):
             there is taken where attention is missing (not where the prediction is already
             right, where it vanishes), and <gradient, attention - semantic> estimates what
             restoring attention would gain. The router learns from the last training
-            step's probes. `loss_tol` assumes a task loss averaged over the batch's tokens.
+            step's probes, each weighted by |gain - loss_tol| (what the wrong decision would
+            cost), so that it routes where the expected gain exceeds loss_tol. `loss_tol` assumes a task loss averaged over the batch's tokens.
         probe, loss_tol: see target="loss".
         rope_base: when given, queries and keys get rotary position embeddings of this base
             (apply_rotary), as in Llama-style models; None: no positions inside the layer.
@@ -144,7 +145,7 @@ class RoutedAttention(nn.Module):
         self.last_probe: Tensor | None = None
         self.aux_loss: Tensor | None = None
         # target="loss": (router input, needs attention, weight) of the last training step,
-        # weight 1 at its probes and 0 elsewhere (dense tensors: no host sync to select them).
+        # weight > 0 at its probes only (dense tensors: no host sync to select them).
         self._probe_labels: tuple[Tensor, Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -217,7 +218,11 @@ class RoutedAttention(nn.Module):
         def hook(grad: Tensor) -> None:
             with torch.no_grad():
                 gain = -((attn.float() - semantic.float()) * grad.float()).sum(-1) * n_tokens
-                self._probe_labels = (z, gain > self.loss_tol, probe.float())
+                # Each label weighs what the wrong decision would cost, |gain - loss_tol|: the
+                # router's p > 1/2 then estimates E[gain | z] > loss_tol (cost-sensitive logistic
+                # regression), so that a rare token worth nats outweighs many worth nothing.
+                regret = (gain - self.loss_tol).abs() * probe
+                self._probe_labels = (z, gain > self.loss_tol, regret)
 
         mixed.register_hook(hook)
 
@@ -277,7 +282,8 @@ class RoutedAttention(nn.Module):
         return cons + (_bce(prob, still_wrong) * weight).sum() / n
 
     def _router_loss_from_probes(self, dtype: torch.dtype) -> Tensor:
-        """BCE of the router on the last training step's probe labels (0 before the first)."""
+        """The router's BCE on the last training step's probe labels, weighted by their regret
+        (0 before the first step)."""
         if self._probe_labels is None:
             return self.router_bias * 0.0
         z, needed, weight = (t.to(self.router_weight.device) for t in self._probe_labels)
