@@ -72,8 +72,7 @@ class RoutedAttention(nn.Module):
         rope_base: when given, queries and keys get rotary position embeddings of this base
             (apply_rotary), as in Llama-style models; None: no positions inside the layer.
         memory: the router and the semantic memory read the normalised input plus a gated
-            scan over a short causal convolution of it (WorkingMemory with conv_width=4: the
-            last few tokens apart, and a causal summary of the past). The scan learns through the semantic
+            scan over it (a causal summary of the past). The scan learns through the semantic
             memory (its distillation, and the task loss where its output is used), never
             through the layer's input.
 
@@ -139,7 +138,7 @@ class RoutedAttention(nn.Module):
         self.router_bias = nn.Parameter(torch.tensor(float(router_bias_init)))
         hidden = 2 * embed_dim if semantic_hidden is None else semantic_hidden
         self.semantic = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, inner))
-        self.memory = WorkingMemory(embed_dim, conv_width=4) if memory else None
+        self.memory = WorkingMemory(embed_dim) if memory else None
         self.last_stats: dict[str, Tensor] = {}
         self.last_mask: Tensor | None = None
         self.last_probe: Tensor | None = None
