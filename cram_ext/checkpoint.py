@@ -8,10 +8,14 @@
 - A run folder belongs to one configuration: resuming with arguments that change the model,
   the task or the optimisation is refused, and starting a new run over an existing one
   needs --force.
+- Under torchrun (cram_ext.distributed) rank 0 reads and writes the run folder; a checkpoint
+  then also holds every rank's random generators and extra state ("ranks"), so that a
+  resumption on as many processes continues exactly. Its model is the single process's.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -21,8 +25,10 @@ from typing import Any
 
 import torch
 
+from . import analysis, distributed
+
 FORMAT = "cram_ext.train/1"
-KEYS = ("format", "model", "optimizer", "step", "wall_s", "rng_cpu", "rng_cuda")
+KEYS = ("format", "model", "optimizer", "step", "wall_s", "rng_cpu", "rng_cuda")  # and "ranks" under torchrun
 # Arguments that may differ between a run and its resumption: where it runs, what it prints
 # and how often it evaluates or saves. --steps may grow; the learning-rate schedule then
 # follows the new total from the resumed step on (a warning says so).
@@ -106,6 +112,50 @@ def prepare_run_folder(out: Path, args: dict[str, Any], resume: bool, force: boo
                  *out.glob("checkpoint-*.pt")]:
         path.unlink(missing_ok=True)
     return None
+
+
+def save_training(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, wall_s: float,
+                  d: distributed.Dist = distributed.Dist()) -> None:
+    """The training checkpoint after `step`. Rank 0 writes it; with several processes every
+    rank must call it (their random generators and probe labels go in too)."""
+    ranks = distributed.rank_states(model, d)
+    if d.main:
+        save(path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "wall_s": wall_s,
+            "rng_cpu": torch.get_rng_state(),  # under torchrun: rank 0's; its GPU's in "ranks"
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and not ranks else None,
+            **({"ranks": ranks} if ranks else {}),
+        })
+
+
+def restore(out: Path, args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            d: distributed.Dist = distributed.Dist()) -> tuple[int, float]:
+    """Prepare OUT for the run `args` describe (rank 0); on --resume load its checkpoint into
+    model and optimizer (every rank, from rank 0's reading). Returns (first step, wall
+    seconds already spent)."""
+    state, error = None, None
+    if d.main:
+        try:
+            resume_from = prepare_run_folder(out, {**vars(args), "out": str(out)}, args.resume, args.force)
+            metrics = out / "metrics.jsonl"
+            if resume_from is None:
+                metrics.write_text("")
+            else:  # on the CPU: the RNG states must stay there; load_state_dict moves the rest
+                state = load(resume_from, map_location="cpu")
+                # Drop what was logged after the checkpoint: those steps run again.
+                kept = [r for r in analysis.read_metrics(out) if r["step"] <= state["step"]] if metrics.exists() else []
+                metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        except RunError as e:
+            error = e
+    error, state = distributed.broadcast((error, state), d)
+    if error is not None:
+        raise error
+    if state is None:
+        return 0, 0.0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    distributed.restore_rank_state(state, model, d)
+    return state["step"] + 1, state["wall_s"]
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:

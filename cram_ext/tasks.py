@@ -26,10 +26,13 @@ from .data.text import even_windows, random_windows, stdlib_corpus
 EVAL_SEED = 1_000_000_007  # evaluation examples come from seeds no training step uses
 
 
-def to_device(batch: Any, device: torch.device) -> dict[str, Tensor]:
-    """The tensor fields of a task's batch dataclass, moved to device. On CUDA through pinned
-    memory without blocking, so that the host does not wait for the GPU at every field."""
+def to_device(batch: Any, device: torch.device, rows: slice | None = None) -> dict[str, Tensor]:
+    """The tensor fields of a task's batch dataclass (only `rows` of them, when given), moved
+    to device. On CUDA through pinned memory without blocking, so that the host does not wait
+    for the GPU at every field."""
     fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    if rows is not None:
+        fields = {k: v[rows] for k, v in fields.items()}
     if device.type != "cuda":
         return {k: v.to(device) for k, v in fields.items()}
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in fields.items()}
@@ -53,14 +56,25 @@ class Task:
     quality: str  # the metric summaries lead with
 
     def model_config(self) -> dict: ...
-    def batch(self, n: int, seed: int, device: torch.device) -> dict[str, Tensor]: ...
+
+    def batch(self, n: int, seed: int, device: torch.device, rows: slice | None = None) -> dict[str, Tensor]:
+        """n training examples drawn from `seed`; of them only `rows` when given (a rank's
+        share of the global batch: the same examples whatever the number of processes)."""
 
     def eval_batch(self, n: int, seed: int, device: torch.device) -> dict[str, Tensor]:
         """Held-out examples: from seeds no training step uses (a task with a validation
         split reads that instead)."""
         return self.batch(n, EVAL_SEED + seed, device)
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]: ...
-    def loss(self, out: Tensor, pred: Tensor | None, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]: ...
+    def loss(self, out: Tensor, pred: Tensor | None, batch: dict[str, Tensor],
+             weights: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training loss and its parts (detached, for the log). `weights`, by part name,
+        multiplies each term and its part (several processes: distributed.losses)."""
+
+    def loss_counts(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """For each term of `loss` (by its part's name), the number of elements it is a mean
+        over in `batch`. With several processes, each rank's term is weighted by its share of
+        the global count, so that the averaged gradient is that of the global batch's mean."""
 
     def _metric_sums(self, out: Tensor, pred: Tensor | None, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Sums over one chunk of evaluation examples; `_finish` turns their totals into metrics."""
@@ -135,19 +149,24 @@ class SRCDTask(RetrievalTask):
         return {"input_dim": srcd_input_dim(kw["obs_dim"], kw["num_keys"], kw["num_values"]),
                 "output_dim": kw["obs_dim"] + kw["num_values"]}
 
-    def batch(self, n, seed, device):
-        return to_device(srcd(n, seed=seed, **self.kw), device)
+    def batch(self, n, seed, device, rows=None):
+        return to_device(srcd(n, seed=seed, **self.kw), device, rows)
 
     def forward(self, model, batch):
         out = model(batch["inputs"], batch["dt"]).float()
         d = self.kw["obs_dim"]
         return out[..., d:], out[..., :d]  # value logits, next-observation prediction
 
-    def loss(self, logits, pred, batch):
+    def loss(self, logits, pred, batch, weights=None):
         ce = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
         sq, count = self.squared_error(pred, batch)
         mse = sq / count.clamp_min(1)
+        if weights is not None:
+            ce, mse = ce * weights["ce"], mse * weights["mse"]
         return ce + self.mse_weight * mse, {"ce": ce.detach(), "mse": mse.detach()}
+
+    def loss_counts(self, batch):
+        return {"ce": (batch["labels"] != IGNORE).sum(), "mse": batch["target_mask"].sum()}
 
     @staticmethod
     def squared_error(pred: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -177,15 +196,20 @@ class MQARTask(RetrievalTask):
     def model_config(self) -> dict:
         return {"vocab_size": self.kw["vocab_size"], "max_len": self.kw["seq_len"]}
 
-    def batch(self, n, seed, device):
-        return to_device(mqar(n, seed=seed, **self.kw), device)
+    def batch(self, n, seed, device, rows=None):
+        return to_device(mqar(n, seed=seed, **self.kw), device, rows)
 
     def forward(self, model, batch):
         return model(batch["inputs"]).float(), None
 
-    def loss(self, logits, pred, batch):
+    def loss(self, logits, pred, batch, weights=None):
         ce = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
+        if weights is not None:
+            ce = ce * weights["ce"]
         return ce, {"ce": ce.detach()}
+
+    def loss_counts(self, batch):
+        return {"ce": (batch["labels"] != IGNORE).sum()}
 
 
 class LMTask(Task):
@@ -200,8 +224,8 @@ class LMTask(Task):
     def model_config(self) -> dict:
         return {"vocab_size": 256, "max_len": self.seq_len}
 
-    def batch(self, n, seed, device):
-        return to_device(random_windows(self.corpus.train, n, self.seq_len, seed), device)
+    def batch(self, n, seed, device, rows=None):
+        return to_device(random_windows(self.corpus.train, n, self.seq_len, seed), device, rows)
 
     def eval_batch(self, n, seed, device):
         """Fixed windows spread over the validation files (the same for every seed)."""
@@ -210,9 +234,14 @@ class LMTask(Task):
     def forward(self, model, batch):
         return model(batch["inputs"]).float(), None
 
-    def loss(self, logits, pred, batch):
+    def loss(self, logits, pred, batch, weights=None):
         ce = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+        if weights is not None:
+            ce = ce * weights["bpb"]
         return ce, {"bpb": ce.detach() / math.log(2)}
+
+    def loss_counts(self, batch):
+        return {"bpb": torch.tensor(batch["labels"].numel(), device=batch["labels"].device)}
 
     def _metric_sums(self, out, pred, batch):
         ce = F.cross_entropy(out.flatten(0, 1), batch["labels"].flatten(), reduction="sum")

@@ -14,6 +14,9 @@ GPT-style model, attention --attention routed or sdpa). Routing baselines (same 
 data): dense (every token attends), static (Mixture-of-Depths-style top-k of the router
 score at a fixed --budget), none (no attention: the semantic MLP everywhere). The default,
 learned, is CRAM's router.
+
+Under `torchrun --nproc-per-node N` the same command trains on N processes with
+DistributedDataParallel, the global --batch-size split between them (cram_ext.distributed).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,9 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import analysis, checkpoint
+from . import analysis, checkpoint, distributed
 from .models import CRAMConfig, CRAMModel, TransformerConfig, TransformerLM
-from .nn import RoutedAttention, aux_losses
+from .nn import RoutedAttention
 from .tasks import Task, autocast, make_task, routing_stats, transfer_variant
 
 ROUTING = {"learned": "learned", "dense": "dense", "static": "topk", "none": "none"}
@@ -109,13 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse what cannot run, before anything is built or written."""
+def check_args(args: argparse.Namespace, world: int = 1) -> None:
+    """Refuse what cannot run, before anything is built or written (world: the processes)."""
     positive = ("steps", "batch_size", "log_every", "eval_every", "eval_examples", "ckpt_every", "seq_len",
                 "d_model", "layers", "heads")
     bad = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in positive if getattr(args, k) <= 0]
     if bad:
         raise checkpoint.RunError(f"these must be positive: {', '.join(bad)}")
+    if args.batch_size % world:
+        raise checkpoint.RunError(f"--batch-size {args.batch_size} is the global batch: it must be a multiple of the "
+                                  f"{world} processes")
     if args.task == "srcd" and args.model != "cram":
         raise checkpoint.RunError("--task srcd has continuous inputs: it needs --model cram")
     if args.positions != "learned" and args.model != "transformer":
@@ -173,57 +180,33 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, wall_s: float) -> None:
-    checkpoint.save(path, {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "wall_s": wall_s,
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    })
-
-
-def restore(out: Path, args, model, optimizer) -> tuple[int, float]:
-    """Prepare OUT for this run; on --resume load its checkpoint. Returns (first step, wall
-    seconds already spent)."""
-    config = {**vars(args), "out": str(out)}
-    resume_from = checkpoint.prepare_run_folder(out, config, args.resume, args.force)
-    metrics = out / "metrics.jsonl"
-    if resume_from is None:
-        metrics.write_text("")
-        return 0, 0.0
-    # On the CPU: the RNG states must stay there; load_state_dict moves the rest.
-    state = checkpoint.load(resume_from, map_location="cpu")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    start = state["step"] + 1
-    # Drop what was logged after the checkpoint: those steps run again.
-    kept = [r for r in analysis.read_metrics(out) if r["step"] < start] if metrics.exists() else []
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return start, state["wall_s"]
-
-
-def run(args: argparse.Namespace) -> dict:
-    """Train as args say; returns the summary (also written to OUT/summary.json)."""
-    check_args(args)
-    device = resolve_device(args.device)
+def run(args: argparse.Namespace) -> dict | None:
+    """Train as args say; returns the summary (also written to OUT/summary.json); None on
+    ranks other than 0 of a torchrun (cram_ext.distributed)."""
+    d = distributed.from_env()
+    check_args(args, d.world)
+    device = distributed.setup(d, resolve_device(args.device))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     out = args.out or Path("runs") / f"{args.task}-{args.routing}"
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     task = make_task(args)
-    model, model_cfg = build_model(args, task)
-    model.to(device)
-    optimizer = make_optimizer(model, args)
-    start, wall_before = restore(out, args, model, optimizer)
-    meta = getattr(getattr(task, "corpus", None), "meta", None)  # the text corpus (its Python version)
-    (out / "config.json").write_text(json.dumps({**vars(args), "out": str(out), "resolved_device": str(device),
-                                                 "model_config": model_cfg, "data": meta}, indent=2, default=str))
-    eval_batch = task.eval_batch(args.eval_examples, args.seed, device)
+    net, model_cfg = build_model(args, task)
+    net.to(device)
+    distributed.seed_rank(d, args.seed)
+    optimizer = make_optimizer(net, args)
+    start, wall_before = checkpoint.restore(out, args, net, optimizer, d)
+    model = distributed.wrap(net, d, device)  # what trains; `net` is the model itself
+    if d.main:
+        meta = getattr(getattr(task, "corpus", None), "meta", None)  # the text corpus (its Python version)
+        extra = {"world_size": d.world} if d.on else {}
+        (out / "config.json").write_text(json.dumps({**vars(args), "out": str(out), "resolved_device": str(device),
+                                                     "model_config": model_cfg, "data": meta, **extra}, indent=2,
+                                                    default=str))
+    eval_batch = task.eval_batch(args.eval_examples, args.seed, device) if d.main else None
     progress = None
-    if not args.no_progress:
+    if not args.no_progress and d.main:
         from tqdm import tqdm
 
         progress = tqdm(total=args.steps, initial=start, desc=f"{args.task}/{args.routing}", file=sys.stdout,
@@ -231,32 +214,33 @@ def run(args: argparse.Namespace) -> dict:
     quality = task.quality
     t0 = time.perf_counter()
     model.train()
-    with open(out / "metrics.jsonl", "a") as log:
+    # Rank 0 alone evaluates and logs (the other ranks' records go to the null device).
+    with open(out / "metrics.jsonl" if d.main else os.devnull, "a") as log:
         for step in range(start, args.steps + 1):
             record: dict[str, Any] = {}
-            if step % args.eval_every == 0 or step == args.steps:
-                record.update(task.evaluate(model, eval_batch, device))
+            evaluating = step % args.eval_every == 0 or step == args.steps
+            if evaluating and d.main:
+                record.update(task.evaluate(net, eval_batch, device))
             if step == args.steps:  # the final evaluation; no update
                 log.write(json.dumps({**record, "step": step, "wall_s": wall_before + time.perf_counter() - t0}) + "\n")
                 break
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args) * group["lr_scale"]
-            batch = task.batch(args.batch_size, args.seed * 1_000_003 + step, device)
+            batch = task.batch(args.batch_size, args.seed * 1_000_003 + step, device, d.rows(args.batch_size))
             with autocast(device):
                 out_, pred = task.forward(model, batch)
-            loss, parts = task.loss(out_, pred, batch)
-            aux = aux_losses(model)
+            loss, parts, aux = distributed.losses(task, out_, pred, batch, net, d)
             optimizer.zero_grad(set_to_none=True)
             (loss + aux).backward()
             optimizer.step()
 
-            if step % args.log_every == 0 or record:
-                u, f = routing_stats(model)
+            if step % args.log_every == 0 or evaluating:
+                u, f = routing_stats(net)
                 ones = torch.ones((), device=device)
-                # One device-to-host copy for every logged number.
+                # One device-to-host copy for every logged number (means over the ranks).
                 values = torch.stack([loss.detach().float(), aux.detach().float(), torch.stack(u).mean() if u else ones,
-                                      torch.stack(f).mean() if f else ones, *(v.float() for v in parts.values())]).tolist()
-                loss_v, aux_v, util_v, flop_v, *part_v = values
+                                      torch.stack(f).mean() if f else ones, *(v.float() for v in parts.values())])
+                loss_v, aux_v, util_v, flop_v, *part_v = distributed.mean(values, d).tolist()
                 record.update(step=step, loss=loss_v, aux_loss=aux_v, utilization=util_v, attn_flop_fraction=flop_v,
                               lr=lr_at(step, args), wall_s=wall_before + time.perf_counter() - t0,
                               **dict(zip(parts, part_v)))
@@ -265,22 +249,25 @@ def run(args: argparse.Namespace) -> dict:
                 if progress is not None:
                     progress.set_postfix(loss=f"{loss_v:.3f}", util=f"{util_v:.3f}", refresh=False)
             if (step + 1) % args.ckpt_every == 0:
-                save_checkpoint(out / "checkpoint.pt", model, optimizer, step, wall_before + time.perf_counter() - t0)
-                if args.keep_checkpoints:
+                wall_s = wall_before + time.perf_counter() - t0
+                checkpoint.save_training(out / "checkpoint.pt", net, optimizer, step, wall_s, d)
+                if args.keep_checkpoints and d.main:
                     checkpoint.copy(out / "checkpoint.pt", out / f"checkpoint-{step + 1}.pt")
             if progress is not None:
                 progress.update(1)
     if progress is not None:
         progress.close()
     wall_s = wall_before + time.perf_counter() - t0
-    save_checkpoint(out / "checkpoint.pt", model, optimizer, args.steps - 1, wall_s)
+    checkpoint.save_training(out / "checkpoint.pt", net, optimizer, args.steps - 1, wall_s, d)
+    if not d.main:
+        return None
 
     summary = summarize(out, args, quality, wall_s)
     variant = transfer_variant(args) if args.transfer else None
     if variant is not None:
         vtask = make_task(args, **variant)
         summary["transfer"] = {"variant": variant,
-                               **vtask.evaluate(model, vtask.eval_batch(args.eval_examples, 1, device), device)}
+                               **vtask.evaluate(net, vtask.eval_batch(args.eval_examples, 1, device), device)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     try:
         analysis.plot_run(out, title=f"{args.task}, {args.model}, routing {args.routing}")
@@ -312,8 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = run(args)
     except checkpoint.RunError as e:
-        print(f"python -m cram_ext.train: error: {e}", file=sys.stderr)
+        if distributed.from_env().main:
+            print(f"python -m cram_ext.train: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.finish()
+    if s is None:  # not rank 0
+        return 0
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     result = (f"validation {s['eval_bpb']:.3f} bits per byte" if "eval_bpb" in s else
               f"retrieval accuracy {pct(s['retrieval_acc'])} (novel {pct(s.get('retrieval_acc_novel'))}, "

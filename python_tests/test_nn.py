@@ -360,3 +360,36 @@ def test_warmup_count_is_saved_with_the_state_dict():
     for _ in range(2):
         copy(x)
     assert not copy.warming
+
+
+def test_activation_checkpointing_counts_one_step_and_gives_the_same_grads():
+    """torch.utils.checkpoint runs the forward again inside the backward: the layer computes
+    the same thing there (same warm-up state) and counts the step once."""
+    torch.manual_seed(0)
+    layer = RoutedAttention(32, num_heads=4, warmup=1)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    grads = []
+    for checkpointed in (False, True):
+        layer.trained_steps = 0
+        layer.zero_grad()
+        x.grad = None
+        torch.manual_seed(1)  # the same exploration draw
+        if checkpointed:
+            y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+        else:
+            y = layer(x)
+        y.square().sum().backward()
+        assert layer.trained_steps == 1
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_projections_false_needs_mix():
+    layer = RoutedAttention(32, num_heads=4, head_dim=6, projections=False)
+    assert not hasattr(layer, "q_proj") and layer.semantic[-1].out_features == 24
+    with pytest.raises(RuntimeError, match="mix"):
+        layer(torch.randn(1, 3, 32))
+    q, k, v = torch.randn(1, 3, 4, 6), torch.randn(1, 3, 2, 6), torch.randn(1, 3, 2, 6)
+    layer = RoutedAttention(32, num_heads=4, num_kv_heads=2, head_dim=6, projections=False)
+    assert layer.mix(torch.randn(1, 3, 32), q, k, v).shape == (1, 3, 24)

@@ -71,6 +71,9 @@ class RoutedAttention(nn.Module):
         probe, loss_tol: see target="loss".
         rope_base: when given, queries and keys get rotary position embeddings of this base
             (apply_rotary), as in Llama-style models; None: no positions inside the layer.
+        head_dim: D, default E // H (a model whose heads are not E // H wide sets it).
+        projections: False for a model that owns its q/k/v/out projections and calls `mix`
+            (cram_ext.hf); `forward` then refuses to run.
         memory: the router and the semantic memory read the normalised input plus a gated
             scan over it (a causal summary of the past). The scan learns through the semantic
             memory (its distillation, and the task loss where its output is used), never
@@ -102,6 +105,8 @@ class RoutedAttention(nn.Module):
         loss_tol: float = 0.01,
         memory: bool = False,
         rope_base: float | None = None,
+        head_dim: int | None = None,
+        projections: bool = True,
     ) -> None:
         super().__init__()
         if routing not in ROUTING_MODES:
@@ -114,12 +119,12 @@ class RoutedAttention(nn.Module):
             raise ValueError(f"budget must be in [0, 1], got {budget}")
         self.routing, self.budget = routing, budget
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if embed_dim % num_heads != 0:
+        if head_dim is None and embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads}")
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
-        self.head_dim = embed_dim // num_heads
+        self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
         self.threshold, self.explore, self.tol = threshold, explore, tol
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {warmup}")
@@ -130,10 +135,12 @@ class RoutedAttention(nn.Module):
             raise ValueError(f"rope_base needs an even head dim, got {embed_dim // num_heads}")
         self.rope_base = rope_base
         inner, kv_inner = num_heads * self.head_dim, num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(embed_dim, inner, bias=False)
-        self.k_proj = nn.Linear(embed_dim, kv_inner, bias=False)
-        self.v_proj = nn.Linear(embed_dim, kv_inner, bias=False)
-        self.out_proj = nn.Linear(inner, embed_dim, bias=False)
+        self.embed_dim = embed_dim
+        if projections:
+            self.q_proj = nn.Linear(embed_dim, inner, bias=False)
+            self.k_proj = nn.Linear(embed_dim, kv_inner, bias=False)
+            self.v_proj = nn.Linear(embed_dim, kv_inner, bias=False)
+            self.out_proj = nn.Linear(inner, embed_dim, bias=False)
         self.router_weight = nn.Parameter(torch.zeros(embed_dim))
         self.router_bias = nn.Parameter(torch.tensor(float(router_bias_init)))
         hidden = 2 * embed_dim if semantic_hidden is None else semantic_hidden
@@ -148,9 +155,43 @@ class RoutedAttention(nn.Module):
         self._probe_labels: tuple[Tensor, Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.q_proj.in_features:
-            raise ValueError(f"RoutedAttention: expected x of shape (B, T, E={self.q_proj.in_features}), got "
+        if not hasattr(self, "q_proj"):
+            raise RuntimeError("RoutedAttention(projections=False) has no forward: call mix(x, q, k, v)")
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"RoutedAttention: expected x of shape (B, T, E={self.embed_dim}), got "
                              f"{tuple(x.shape)}" + (" (add a batch dimension: x.unsqueeze(0))" if x.dim() == 2 else ""))
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.rope_base is not None:
+            q, k = apply_rotary(q, self.rope_base), apply_rotary(k, self.rope_base)
+        return self.out_proj(self.mix(x, q, k, v))
+
+    def mix(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None) -> Tensor:
+        """The layer between its projections, for models that own them (cram_ext.hf): x (B, T, E)
+        the layer's input, which the router and the semantic memory read; q (B, T, H, D), k and
+        v (B, S, Hk, D), positions applied. Returns (B, T, H * D): attention where routed, the
+        semantic memory's prediction elsewhere. Sets last_stats, last_mask, last_probe and
+        aux_loss, and counts the training step."""
+        if self.training and _in_backward():
+            # Activation checkpointing runs the forward again inside the backward: the same
+            # computation (with the warm-up count the first run saw), nothing counted or kept.
+            steps = self.trained_steps
+            self.trained_steps -= 1
+            try:
+                return self._mix(x, q, k, v, softmax_scale)[0]
+            finally:
+                self.trained_steps = steps
+        mixed, mask, probe, aux_loss = self._mix(x, q, k, v, softmax_scale)
+        self.last_stats = self._stats(mask)
+        self.last_mask, self.last_probe, self.aux_loss = mask, probe, aux_loss
+        if self.training:
+            self.trained_steps += 1
+        return mixed
+
+    def _mix(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None):
+        """(mixed output, mask of the tokens attended, probe mask or None, aux loss or None)."""
         B, T, _ = x.shape
         # No affine: the router's and the MLP's first linear maps absorb one.
         z = F.layer_norm(x.detach(), (x.shape[-1],))
@@ -161,27 +202,15 @@ class RoutedAttention(nn.Module):
         if learning and self.target == "loss" and self.probe > 0:
             probe = torch.rand(B, T, device=x.device) < self.probe
         r = self._route(z, probe)
-
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        if self.rope_base is not None:
-            q, k = apply_rotary(q, self.rope_base), apply_rotary(k, self.rope_base)
-        attn = self._attend(q, k, v, r)
+        attn = self._attend(q, k, v, r, softmax_scale)
         semantic = self.semantic(z)
         # Probes: attention computed, the semantic memory's output used (see target="loss").
         use_attn = r.mask if probe is None else r.mask & ~probe
         mixed = torch.where(use_attn.unsqueeze(-1), attn, semantic.to(attn.dtype))
         if probe is not None and mixed.requires_grad:
             self._measure_on_backward(mixed, attn, semantic, z, probe)
-        y = self.out_proj(mixed)
-
-        self.last_stats = self._stats(r.mask)
-        self.last_mask, self.last_probe = r.mask, probe
-        self.aux_loss = self._consolidation_losses(semantic, attn, r.prob, r.mask, z) if self.training else None
-        if self.training:
-            self.trained_steps += 1
-        return y
+        aux_loss = self._consolidation_losses(semantic, attn, r.prob, r.mask, z) if self.training else None
+        return mixed, r.mask, probe, aux_loss
 
     @property
     def warming(self) -> bool:
@@ -249,12 +278,12 @@ class RoutedAttention(nn.Module):
                 force.scatter_(1, score.topk(k, dim=1).indices, True)
         return route(z, self.router_weight, self.router_bias, threshold, force)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, r: Route) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, r: Route, softmax_scale: float | None = None) -> Tensor:
         """routed_attention on (q, k, v), (B, T, H*D) back in q's dtype. The CUDA kernels
         take float16/bfloat16 and head dims 64 and 128: on CUDA a float32 layer attends in
         bfloat16 (as flash-attention users do), and a smaller head dim is zero-padded to
         the next supported one (zeros add nothing to q.k or to the output; the softmax
-        scale stays D ** -0.5)."""
+        scale, default D ** -0.5, is the unpadded D's)."""
         D, out_dtype = q.shape[-1], q.dtype
         if q.is_cuda:
             if q.dtype == torch.float32:
@@ -262,7 +291,8 @@ class RoutedAttention(nn.Module):
             padded = 64 if D <= 64 else 128
             if D < padded:
                 q, k, v = (torch.nn.functional.pad(t, (0, padded - D)) for t in (q, k, v))
-        attn, _ = routed_attention(q, k, v, r.index, r.counts, D**-0.5)
+        scale = D**-0.5 if softmax_scale is None else softmax_scale
+        attn, _ = routed_attention(q, k, v, r.index, r.counts, scale)
         return attn[..., :D].flatten(2).to(out_dtype)
 
     def _consolidation_losses(self, semantic: Tensor, attn: Tensor, prob: Tensor, mask: Tensor, z: Tensor) -> Tensor:
@@ -297,6 +327,11 @@ class RoutedAttention(nn.Module):
             "utilization": m.mean(),
             "attn_flop_fraction": (m * t).sum() / (t.sum() * mask.shape[0]),
         }
+
+
+def _in_backward() -> bool:
+    """True inside an autograd backward pass (where activation checkpointing recomputes)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _bce(prob: Tensor, target: Tensor) -> Tensor:
