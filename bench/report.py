@@ -3,9 +3,10 @@
     python -m bench.report            # every device found in bench/results/
     python -m bench.report --device cpu
 
-Each table compares records of one run: cram beside its baselines at the same
-shape, dtype, pass (and density), and reads bandwidth against the run's own copy
-record.
+Each table compares records of one run: cram beside its baselines (each registered Bench's
+`baselines`, in order) at the same shape, dtype, pass (and density), and reads bandwidth
+against the run's own copy record. Runs of bench/runs/ are not read: a run reaches
+these tables with --record.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from . import registry
+from .records import RESULTS_DIR as RESULTS
 
 
 def load(device: str | None) -> dict[str, list[dict]]:
@@ -118,12 +119,9 @@ def render(device: str | None = None) -> str:
         gbps = copy_gbps(records)
         if gbps:
             out.append(f"Measured copy bandwidth: {gbps:.0f} GB/s (bytes read + written).\n")
-        sections = [
-            ("gated_scan", memory_bound_table(records, "gated_scan", [
-                "fla_chunk_hgrn", "associative_scan_compile", "torch_compile", "torch_eager", "reference_loop"])),
-            ("route", memory_bound_table(records, "route", ["torch_eager", "torch_compile"])),
-            ("routed_attention (time relative to dense; < 1 is faster)", attention_table(records)),
-        ]
+        sections = [(spec.record, memory_bound_table(records, spec.record, spec.baselines))
+                    for spec in map(registry.get, ("scan", "router"))]
+        sections.append(("routed_attention (time relative to dense; < 1 is faster)", attention_table(records)))
         out += [f"**{title}**\n\n{body}\n" for title, body in sections if body]
     return "\n".join(out)
 

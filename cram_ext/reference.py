@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .route_types import Route
+from .route_types import Route, route_from_mask
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -41,15 +41,11 @@ def route(
 ) -> Route:
     """The router decision and the compaction of each row's routed positions."""
     acc = accumulate_dtype(hidden.dtype)
-    B, T, _ = hidden.shape
     prob = torch.sigmoid(hidden.to(acc) @ weight.to(acc) + bias.to(acc))
     mask = prob > threshold
     if force is not None:
         mask = mask | force
-    counts = mask.sum(dim=1, dtype=torch.int32)
-    positions = torch.arange(T, device=hidden.device).expand(B, T)
-    # Unrouted slots hold T, so sorting puts the routed positions first, in order.
-    index = torch.where(mask, positions, T).sort(dim=1).values.to(torch.int32)
+    index, counts = route_from_mask(mask)
     return Route(prob, mask, index, counts)
 
 

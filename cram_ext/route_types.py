@@ -1,9 +1,11 @@
-"""The result type of the router, shared by the op and its reference."""
+"""The result type of the router, shared by the op and its reference, and the compaction
+of a routing mask into the (index, counts) that routed_attention takes."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 
@@ -20,3 +22,31 @@ class Route(NamedTuple):
     mask: Tensor
     index: Tensor
     counts: Tensor
+
+
+def route_from_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The (index, counts) of a routing mask, laid out as `cram_ext.route` returns them.
+
+    Use it to route attention by any rule of your own (top-k, a fixed pattern, a mask
+    computed elsewhere): `routed_attention(q, k, v, *route_from_mask(mask))`.
+
+    Args:
+        mask: (B, T) bool, True where a token is routed.
+
+    Returns:
+        index: (B, T) int32, contiguous; row b holds its routed positions ascending in
+            index[b, :counts[b]], then T.
+        counts: (B,) int32, routed tokens per row.
+
+    Plain PyTorch on the mask's device (a sort per row), no host-device sync, traceable by
+    torch.compile(fullgraph=True). `cram_ext.route(...)` gives the same index and counts for
+    its own mask: `route_from_mask(r.mask) == (r.index, r.counts)`.
+    """
+    if mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"route_from_mask: mask: expected a (B, T) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+    B, T = mask.shape
+    counts = mask.sum(dim=1, dtype=torch.int32)
+    positions = torch.arange(T, device=mask.device).expand(B, T)
+    # Unrouted slots hold T, so sorting puts the routed positions first, in order.
+    index = torch.where(mask, positions, T).sort(dim=1).values.to(torch.int32)
+    return index, counts

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import cram_ext
+from cram_ext import route_from_mask  # noqa: F401 - the tests' (index, counts) of a mask, in plain PyTorch
 
 HAS_CUDA = torch.cuda.is_available()
 DTYPE_NAMES = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -152,15 +153,6 @@ def poison_allocator(device: str, nbytes: int = 1 << 24) -> None:
     """
     junk = torch.full((nbytes // 4,), float("nan"), dtype=torch.float32, device=device)
     del junk
-
-
-def route_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index, counts) of a (B, T) bool mask, built like docs/design.md §2 says (independent of the op)."""
-    B, T = mask.shape
-    counts = mask.sum(dim=1, dtype=torch.int32)
-    positions = torch.arange(T, device=mask.device).expand(B, T)
-    index = torch.where(mask, positions, T).sort(dim=1).values.to(torch.int32)
-    return index.contiguous(), counts
 
 
 def routing_mask(B: int, T: int, pattern: str, device: str, density: float = 0.5) -> torch.Tensor:

@@ -79,10 +79,7 @@ def make_routing(case: Case, device, gen) -> tuple[torch.Tensor, torch.Tensor, t
             mask[1] = True
     else:
         raise ValueError(case.pattern)
-    counts = mask.sum(dim=1, dtype=torch.int32)
-    pos = torch.arange(T, device=device).expand(B, T)
-    index = torch.where(mask, pos, T).sort(dim=1).values.to(torch.int32).contiguous()
-    return mask, index, counts
+    return (mask, *cram_ext.route_from_mask(mask))
 
 
 def run_case(case: Case, backward: bool, seed: int) -> list[str]:
@@ -191,9 +188,7 @@ def graph_capture_check(deterministic: bool) -> list[str]:
     k = torch.randn(B, T, Hk, D, device=device, dtype=torch.bfloat16)
     v = torch.randn(B, T, Hk, D, device=device, dtype=torch.bfloat16)
     g = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
-    mask = torch.rand(B, T, device=device) < 0.3
-    counts = mask.sum(1, dtype=torch.int32)
-    index = torch.where(mask, torch.arange(T, device=device), T).sort(1).values.int()
+    index, counts = cram_ext.route_from_mask(torch.rand(B, T, device=device) < 0.3)
     scale = D**-0.5
 
     def step():
@@ -212,9 +207,9 @@ def graph_capture_check(deterministic: bool) -> list[str]:
     with torch.cuda.graph(graph):
         captured = step()
     # New routing, same shapes: the graph must follow counts/index on the device.
-    mask2 = torch.rand(B, T, device=device) < 0.6
-    counts.copy_(mask2.sum(1, dtype=torch.int32))
-    index.copy_(torch.where(mask2, torch.arange(T, device=device), T).sort(1).values.int())
+    index2, counts2 = cram_ext.route_from_mask(torch.rand(B, T, device=device) < 0.6)
+    index.copy_(index2)
+    counts.copy_(counts2)
     graph.replay()
     torch.cuda.synchronize()
     fresh = step()

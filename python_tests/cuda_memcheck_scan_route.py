@@ -121,14 +121,6 @@ def scan_cases(quick: bool) -> None:
 # --------------------------------------------------------------------- route
 
 
-def expected_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    B, T = mask.shape
-    counts = mask.sum(dim=1, dtype=torch.int32)
-    positions = torch.arange(T, device=mask.device).expand(B, T)
-    index = torch.where(mask, positions, T).sort(dim=1).values.to(torch.int32)
-    return index, counts
-
-
 def route_case(B: int, T: int, C: int, dtype: torch.dtype, bias_value: float, with_force: bool,
                misaligned: bool = False) -> None:
     name = (f"route B={B} T={T} C={C} {dtype} bias={bias_value} force={with_force}"
@@ -159,7 +151,7 @@ def route_case(B: int, T: int, C: int, dtype: torch.dtype, bias_value: float, wi
     check(f"{name}: mask vs own prob", torch.equal(r.mask, own), "mask != (prob > threshold) | force")
     near = (ref.prob - threshold).abs() < 1e-4
     check(f"{name}: mask vs reference", torch.equal(r.mask & ~near, ref.mask & ~near), "mask differs")
-    index, counts = expected_index(r.mask)
+    index, counts = cram_ext.route_from_mask(r.mask)
     check(f"{name}: counts", torch.equal(r.counts, counts), f"{r.counts.tolist()} != {counts.tolist()}")
     check(f"{name}: index", torch.equal(r.index, index), "index is not the compaction of mask")
 
