@@ -11,6 +11,8 @@
 - Under torchrun (cram_ext.distributed) rank 0 reads and writes the run folder; a checkpoint
   then also holds every rank's random generators and extra state ("ranks"), so that a
   resumption on as many processes continues exactly. Its model is the single process's.
+- A checkpoint holds the learning-rate scheduler's position ("scheduler"); one written before
+  it did resumes from its step.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
 from . import analysis, distributed
 
 FORMAT = "cram_ext.train/1"
-KEYS = ("format", "model", "optimizer", "step", "wall_s", "rng_cpu", "rng_cuda")  # and "ranks" under torchrun
+KEYS = ("format", "model", "optimizer", "step", "wall_s", "rng_cpu", "rng_cuda")  # and "scheduler"; "ranks" (torchrun)
 # Arguments that may differ between a run and its resumption: where it runs, what it prints
 # and how often it evaluates or saves. --steps may grow; the learning-rate schedule then
 # follows the new total from the resumed step on (a warning says so).
@@ -114,14 +117,15 @@ def prepare_run_folder(out: Path, args: dict[str, Any], resume: bool, force: boo
     return None
 
 
-def save_training(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, wall_s: float,
-                  d: distributed.Dist = distributed.Dist()) -> None:
+def save_training(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
+                  step: int, wall_s: float, d: distributed.Dist = distributed.Dist()) -> None:
     """The training checkpoint after `step`. Rank 0 writes it; with several processes every
     rank must call it (their random generators and probe labels go in too)."""
     ranks = distributed.rank_states(model, d)
     if d.main:
         save(path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "wall_s": wall_s,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "step": step, "wall_s": wall_s,
             "rng_cpu": torch.get_rng_state(),  # under torchrun: rank 0's; its GPU's in "ranks"
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and not ranks else None,
             **({"ranks": ranks} if ranks else {}),
@@ -129,10 +133,10 @@ def save_training(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
 
 
 def restore(out: Path, args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            d: distributed.Dist = distributed.Dist()) -> tuple[int, float]:
+            scheduler: LRScheduler, d: distributed.Dist = distributed.Dist()) -> tuple[int, float]:
     """Prepare OUT for the run `args` describe (rank 0); on --resume load its checkpoint into
-    model and optimizer (every rank, from rank 0's reading). Returns (first step, wall
-    seconds already spent)."""
+    model, optimizer and scheduler (every rank, from rank 0's reading). Returns (first step,
+    wall seconds already spent)."""
     state, error = None, None
     if d.main:
         try:
@@ -154,20 +158,29 @@ def restore(out: Path, args: argparse.Namespace, model: torch.nn.Module, optimiz
         return 0, 0.0
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    # Checkpoints from before the scheduler was saved: its position is the step after theirs.
+    scheduler.load_state_dict(state.get("scheduler", {"last_epoch": state["step"] + 1}))
     distributed.restore_rank_state(state, model, d)
     return state["step"] + 1, state["wall_s"]
+
+
+def write_config(out: Path, args: argparse.Namespace, device: torch.device, model_config: dict[str, Any],
+                 data: dict[str, Any] | None, d: distributed.Dist = distributed.Dist()) -> None:
+    """OUT/config.json: the run's arguments, the device it resolved to, the model's config,
+    the description of the task's data (Task.data_info) and, under torchrun, the processes."""
+    extra = {"world_size": d.world} if d.on else {}
+    config = {**vars(args), "out": str(out), "resolved_device": str(device), "model_config": model_config,
+              "data": data, **extra}
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained model of a `python -m cram_ext.train` run folder, rebuilt from its
     config.json and loaded from its checkpoint.pt, in eval mode; and the run's config."""
-    from .models import CRAMConfig, CRAMModel, TransformerConfig, TransformerLM
+    from .models.build import model_from_config
 
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
-    if config["model"] == "transformer":
-        model: torch.nn.Module = TransformerLM(TransformerConfig(**config["model_config"]))
-    else:
-        model = CRAMModel(CRAMConfig(**config["model_config"]))
+    model = model_from_config(config["model"], config["model_config"])
     model.load_state_dict(load(run_dir / "checkpoint.pt", map_location="cpu")["model"])
     return model.to(device).eval(), config

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .nn import RoutedAttention, aux_losses
+from .tasks import routing_stats
 
 RANK_SEED_STRIDE = 1_000_003  # rank r > 0 draws from seed + r * this
 
@@ -177,6 +178,20 @@ def mean(values: Tensor, d: Dist) -> Tensor:
     values = values.clone()
     dist.all_reduce(values)
     return values / d.world
+
+
+def logged_means(loss: Tensor, aux: Tensor, parts: dict[str, Tensor], net: nn.Module,
+                 d: Dist) -> tuple[dict[str, float], dict[str, float]]:
+    """The training numbers a step logs, as means over the ranks, in one device-to-host copy:
+    loss, aux_loss, utilization and attn_flop_fraction (over the routed layers of `net`, 1
+    without any), and the loss's parts."""
+    util, flops = routing_stats(net)
+    ones = torch.ones((), device=loss.device)
+    values = torch.stack([loss.detach().float(), aux.detach().float(), torch.stack(util).mean() if util else ones,
+                          torch.stack(flops).mean() if flops else ones, *(v.float() for v in parts.values())])
+    loss_v, aux_v, util_v, flop_v, *part_v = mean(values, d).tolist()
+    return ({"loss": loss_v, "aux_loss": aux_v, "utilization": util_v, "attn_flop_fraction": flop_v},
+            dict(zip(parts, part_v)))
 
 
 def broadcast(obj: Any, d: Dist) -> Any:

@@ -57,6 +57,10 @@ class Task:
 
     def model_config(self) -> dict: ...
 
+    def data_info(self) -> dict | None:
+        """What config.json records of the task's data ("data"); None for generated data."""
+        return None
+
     def batch(self, n: int, seed: int, device: torch.device, rows: slice | None = None) -> dict[str, Tensor]:
         """n training examples drawn from `seed`; of them only `rows` when given (a rank's
         share of the global batch: the same examples whatever the number of processes)."""
@@ -224,6 +228,9 @@ class LMTask(Task):
     def model_config(self) -> dict:
         return {"vocab_size": 256, "max_len": self.seq_len}
 
+    def data_info(self) -> dict:
+        return self.corpus.meta  # the corpus' source, Python version, files and bytes
+
     def batch(self, n, seed, device, rows=None):
         return to_device(random_windows(self.corpus.train, n, self.seq_len, seed), device, rows)
 
@@ -268,3 +275,13 @@ def transfer_variant(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.task == "mqar":
         return {"num_kv_pairs": min(2 * args.num_kv_pairs, args.seq_len // 4)}
     return None
+
+
+def evaluate_transfer(args: argparse.Namespace, model: nn.Module, device: torch.device) -> dict[str, Any] | None:
+    """The transfer evaluation of a trained model (summary.json's "transfer"): the variant and
+    the task's evaluation on it; None when the task has no variant."""
+    variant = transfer_variant(args)
+    if variant is None:
+        return None
+    task = make_task(args, **variant)
+    return {"variant": variant, **task.evaluate(model, task.eval_batch(args.eval_examples, 1, device), device)}

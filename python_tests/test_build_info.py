@@ -3,6 +3,7 @@ for exactly the backends it names."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import CUDA_SKIP
 
@@ -57,7 +58,21 @@ def test_cuda_listed_iff_compiled():
 
 
 def test_version():
+    """One version: cram_ext/_version.py, which the installed metadata (pyproject.toml's dynamic
+    version) and cram_ext.__version__ both read."""
+    import importlib.metadata
+    from pathlib import Path
+
+    from cram_ext import _version
+
     assert isinstance(cram_ext.__version__, str) and cram_ext.__version__.count(".") == 2
+    assert cram_ext.__version__ == _version.__version__ == importlib.metadata.version("cram_ext")
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if pyproject.exists():  # a source checkout
+        config = tomllib.loads(pyproject.read_text())
+        assert "version" not in config["project"] and "version" in config["project"]["dynamic"]
+        assert config["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "cram_ext._version.__version__"}
 
 
 @CUDA_SKIP

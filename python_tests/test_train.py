@@ -93,6 +93,75 @@ def test_resume_is_exact(tmp_path, target):
     assert strip(read(whole / "metrics.jsonl")) == strip(read(split / "metrics.jsonl"))
 
 
+def old_lr_at(step, args):
+    """The learning rate the trainer set by hand before it had a torch scheduler (cram_ext.optim)."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@pytest.mark.parametrize("flags", [[], ["--warmup", "7", "--min-lr-ratio", "0.1", "--lr", "0.0021"],
+                                   ["--warmup", "0", "--steps", "13"], ["--warmup", "90", "--steps", "60"]])
+def test_scheduler_is_the_old_formula(flags):
+    """WarmupCosine sets, at every step, exactly (bitwise) the learning rate of the formula the
+    trainer used before, times each group's --router-lr-scale."""
+    from cram_ext.models.build import build_model
+    from cram_ext.optim import WarmupCosine, make_optimizer
+    from cram_ext.tasks import make_task
+    from cram_ext.train_args import routed_options
+
+    args = train.build_parser().parse_args(TINY + ["--steps", "60", "--router-lr-scale", "0.3"] + flags)
+    net, _ = build_model(args, make_task(args).model_config(), routed_options(args))
+    optimizer = make_optimizer(net, args)
+    scheduler = WarmupCosine.from_args(optimizer, args)
+    for step in range(args.steps + 1):
+        want = old_lr_at(step, args)
+        assert [g["lr"] for g in optimizer.param_groups] == [want * 1.0, want * 0.3], step
+        assert scheduler.get_last_lr() == [want, want * 0.3]
+        optimizer.step()
+        scheduler.step()
+
+
+def test_resume_restores_the_scheduler(tmp_path):
+    """The checkpoint holds the scheduler's position; a checkpoint from before it did (no
+    "scheduler", no "initial_lr" in the optimizer's groups) resumes exactly too; a resumption
+    with more --steps follows the new total's schedule from the resumed step on."""
+    common = TINY + ["--eval-every", "10", "--ckpt-every", "10", "--no-transfer", "--router-warmup", "5",
+                     "--warmup", "5", "--router-lr-scale", "0.5"]
+    whole, old, grown = tmp_path / "whole", tmp_path / "old", tmp_path / "grown"
+    train.run(train.build_parser().parse_args(common + ["--steps", "20", "--keep-checkpoints", "--out", str(whole)]))
+    state = torch.load(whole / "checkpoint.pt", weights_only=True)
+    assert state["scheduler"] == {"last_epoch": 20} and state["step"] == 19
+    lrs = [r["lr"] for r in read(whole / "metrics.jsonl") if "lr" in r]
+    args20 = train.build_parser().parse_args(common + ["--steps", "20"])
+    assert lrs == [old_lr_at(s, args20) for s in (0, 5, 10, 15)]
+
+    old.mkdir()  # the run `whole` as it was at its step-10 checkpoint, written by the trainer of before
+    for name in ("config.json", "metrics.jsonl"):
+        (old / name).write_bytes((whole / name).read_bytes())
+    state = torch.load(whole / "checkpoint-10.pt", weights_only=True)
+    assert state.pop("scheduler") == {"last_epoch": 10}
+    for group in state["optimizer"]["param_groups"]:
+        del group["initial_lr"]
+        group["lr"] = 1.0  # the old trainer saved the last step's; the schedule's must win
+    torch.save(state, old / "checkpoint.pt")
+    train.run(train.build_parser().parse_args(common + ["--steps", "20", "--out", str(old), "--resume"]))
+    assert_same_state(torch.load(whole / "checkpoint.pt", weights_only=True)["model"],
+                      torch.load(old / "checkpoint.pt", weights_only=True)["model"], "resumed old checkpoint")
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]  # noqa: E731
+    assert strip(read(whole / "metrics.jsonl")) == strip(read(old / "metrics.jsonl"))
+
+    train.run(train.build_parser().parse_args(common + ["--steps", "10", "--out", str(grown)]))
+    train.run(train.build_parser().parse_args(common + ["--steps", "30", "--out", str(grown), "--resume"]))
+    args30 = train.build_parser().parse_args(common + ["--steps", "30"])
+    logged = {r["step"]: r["lr"] for r in read(grown / "metrics.jsonl") if "lr" in r}
+    assert logged == {s: old_lr_at(s, args20 if s < 10 else args30) for s in range(0, 30, 5)} and len(logged) == 6
+    final = torch.load(grown / "checkpoint.pt", weights_only=True)
+    assert final["scheduler"] == {"last_epoch": 30}
+    assert [g["lr"] for g in final["optimizer"]["param_groups"]] == [old_lr_at(30, args30) * s for s in (1.0, 0.5)]
+
+
 @pytest.mark.parametrize("routing, expected", [("dense", 1.0), ("none", 0.0), ("static", 0.25)])
 def test_routing_baselines(tmp_path, routing, expected):
     args = train.build_parser().parse_args(

@@ -1,0 +1,34 @@
+"""The models of `python -m cram_ext.train` runs: built from a run's arguments, or rebuilt
+from the model config its config.json records."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from .cram import CRAMConfig, CRAMModel
+from .transformer import TransformerConfig, TransformerLM
+
+MODELS = {"cram": (CRAMConfig, CRAMModel), "transformer": (TransformerConfig, TransformerLM)}  # --model
+
+
+def build_model(args: argparse.Namespace, shape: dict[str, Any], routed: dict[str, Any]) -> tuple[nn.Module, dict]:
+    """The model the arguments describe (--model, --d-model, --layers, --heads, --attention,
+    --positions) for a task of this shape (Task.model_config), its RoutedAttention layers
+    taking the keyword arguments `routed`; and its config, as config.json records it."""
+    common = dict(d_model=args.d_model, n_layers=args.layers, num_heads=args.heads, routed=routed)
+    if args.model == "cram":  # no position embeddings: the working memory orders the inputs
+        cfg: Any = CRAMConfig(**common, **{k: v for k, v in shape.items() if k != "max_len"})
+    else:
+        cfg = TransformerConfig(**common, attention=args.attention, positions=args.positions, **shape)
+    return MODELS[args.model][1](cfg), dataclasses.asdict(cfg)
+
+
+def model_from_config(model: str, model_config: dict[str, Any]) -> nn.Module:
+    """The (untrained) model of a run whose config.json says "model": `model` and
+    "model_config": `model_config`."""
+    config_cls, model_cls = MODELS[model]
+    return model_cls(config_cls(**model_config))
