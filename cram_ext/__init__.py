@@ -7,19 +7,24 @@ import json
 import torch
 
 from . import models, nn, reference
+from ._version import __version__
 from .checkpoint import load_run
+from .generation import GenerateOutput, generate
 from .models import CRAMBlock, CRAMConfig, CRAMModel, TransformerConfig, TransformerLM
-from .nn import RoutedAttention, WorkingMemory, aux_losses
+from .nn import BlockCache, KVCache, ModelCache, RoutedAttention, ScanCache, WorkingMemory, aux_losses
 from .ops import check_route, gated_scan, route, routed_attention, set_debug
-from .route_types import Route
-
-__version__ = "0.1.0"
+from .route_types import Route, route_from_mask
 
 __all__ = [
+    "BlockCache",
     "CRAMBlock",
     "CRAMConfig",
     "CRAMModel",
+    "GenerateOutput",
+    "KVCache",
+    "ModelCache",
     "Route",
+    "ScanCache",
     "TransformerConfig",
     "TransformerLM",
     "RoutedAttention",
@@ -28,11 +33,13 @@ __all__ = [
     "build_info",
     "check_route",
     "gated_scan",
+    "generate",
     "load_run",
     "models",
     "nn",
     "reference",
     "route",
+    "route_from_mask",
     "routed_attention",
     "set_debug",
 ]

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from ..nn import RoutedAttention, WorkingMemory
+from ..generation import GenerateOutput, generate
+from ..nn import BlockCache, ModelCache, RoutedAttention, WorkingMemory
 
 
 @dataclass
@@ -48,10 +50,25 @@ class CRAMBlock(nn.Module):
         self.attn = RoutedAttention(d, cfg.num_heads, cfg.num_kv_heads, **cfg.routed)
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
 
-    def forward(self, x: Tensor, dt: Tensor | None = None) -> Tensor:
-        x = x + self.memory(self.norm_memory(x), dt)
-        x = x + self.attn(self.norm_attn(x))
-        return x + self.mlp(self.norm_mlp(x))
+    def forward(self, x: Tensor, dt: Tensor | None = None,
+                cache: BlockCache | None = None) -> Tensor | tuple[Tensor, BlockCache]:
+        """(B, T, E) -> (B, T, E); with `cache` (from `allocate_cache`), (output, cache) for the
+        T tokens that follow the cached ones."""
+        if cache is None:
+            x = x + self.memory(self.norm_memory(x), dt)
+            x = x + self.attn(self.norm_attn(x))
+            return x + self.mlp(self.norm_mlp(x))
+        # Before the working memory advances: an overflow leaves the cache as it was.
+        cache.attn.check_room(x.shape[1])
+        x = x + self.memory(self.norm_memory(x), dt, cache=cache.memory)[0]
+        x = x + self.attn(self.norm_attn(x), cache=cache.attn)[0]
+        return x + self.mlp(self.norm_mlp(x)), cache
+
+    def allocate_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> BlockCache:
+        """An empty BlockCache: the attention layer's KVCache and the working memory's state."""
+        return BlockCache(self.attn.allocate_cache(batch_size, max_len, dtype=dtype, device=device),
+                          self.memory.allocate_cache(batch_size, dtype=dtype, device=device))
 
 
 class CRAMModel(nn.Module):
@@ -60,6 +77,11 @@ class CRAMModel(nn.Module):
 
     `routed_attention_layers()` lists the RoutedAttention modules, whose `last_stats`
     give per-layer utilization; `cram_ext.aux_losses(model)` their training losses.
+
+    Decoding: `cache = model.allocate_cache(B, max_len)`, then
+    `out, cache = model(inputs, dt, cache=cache)` for the prompt and for each next token (or
+    chunk): the outputs equal the full forward's at those positions. Token models also have
+    `generate` (cram_ext.generate).
     """
 
     def __init__(self, cfg: CRAMConfig) -> None:
@@ -75,11 +97,33 @@ class CRAMModel(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, out_dim)
 
-    def forward(self, inputs: Tensor, dt: Tensor | None = None) -> Tensor:
+    def forward(self, inputs: Tensor, dt: Tensor | None = None,
+                cache: ModelCache | None = None) -> Tensor | tuple[Tensor, ModelCache]:
+        """Outputs (B, T, vocab_size or output_dim); with `cache`, (outputs, cache) for the T
+        inputs that follow the cached ones (dt: their time gaps)."""
+        if cache is None:
+            x = self.embed(inputs)
+            for block in self.blocks:
+                x = block(x, dt)
+            return self.head(self.norm(x))
+        cache.check(inputs.shape[0], inputs.shape[1])
         x = self.embed(inputs)
-        for block in self.blocks:
-            x = block(x, dt)
-        return self.head(self.norm(x))
+        for block, block_cache in zip(self.blocks, cache.layers, strict=True):
+            x = block(x, dt, block_cache)[0]
+        cache.position += inputs.shape[1]
+        return self.head(self.norm(x)), cache
+
+    def allocate_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> ModelCache:
+        """An empty ModelCache for `batch_size` rows of up to `max_len` tokens. `dtype` is the
+        dtype attention computes in (default the parameters', or the autocast dtype where autocast
+        is on now); the scan states are held in float32 (float64 for a float64 model)."""
+        return ModelCache([b.allocate_cache(batch_size, max_len, dtype=dtype, device=device) for b in self.blocks])
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs: Any) -> GenerateOutput:
+        """`cram_ext.generate(self, input_ids, max_new_tokens, **kwargs)`; token models only
+        (cfg.vocab_size set)."""
+        return generate(self, input_ids, max_new_tokens, **kwargs)
 
     def routed_attention_layers(self) -> list[RoutedAttention]:
         return [block.attn for block in self.blocks]

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import RoutedAttention, apply_rotary
+from ..generation import GenerateOutput, generate
+from ..nn import BlockCache, KVCache, ModelCache, RoutedAttention, apply_rotary
+from ..nn.cache import compute_dtype
 
 ATTENTION = ("routed", "sdpa")
 POSITIONS = ("learned", "rope")
@@ -44,7 +46,9 @@ class TransformerConfig:
 class CausalSelfAttention(nn.Module):
     """Dense causal self-attention, (B, T, E) -> (B, T, E), with RoutedAttention's projections
     (no biases, grouped-query heads, optional rotary positions), through
-    F.scaled_dot_product_attention."""
+    F.scaled_dot_product_attention. With `cache` (a KVCache from `allocate_cache`), the T new
+    tokens attend over every cached token and their own past (bottom-right causal), and
+    (output, cache) is returned, as RoutedAttention does."""
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None,
                  rope_base: float | None = None) -> None:
@@ -58,16 +62,35 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, self.num_kv_heads * self.head_dim, bias=False)
         self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor | tuple[Tensor, KVCache]:
         B, T, _ = x.shape
+        offset = 0 if cache is None else cache.position
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.rope_base is not None:
-            q, k = apply_rotary(q, self.rope_base), apply_rotary(k, self.rope_base)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.out_proj(y.transpose(1, 2).flatten(2))
+            q, k = apply_rotary(q, self.rope_base, offset), apply_rotary(k, self.rope_base, offset)
+        gqa = self.num_kv_heads != self.num_heads
+        if cache is None:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return self.out_proj(y.transpose(1, 2).flatten(2))
+        k, v = cache.update(k, self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim))
+        S = k.shape[1]
+        # SDPA's is_causal aligns the mask top-left (query i sees keys <= i) when S > T; the new
+        # tokens come after the cached ones, so query i sees keys <= i + S - T (bottom-right).
+        mask = torch.arange(S, device=x.device) <= torch.arange(S - T, S, device=x.device)[:, None]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           enable_gqa=gqa)
+        return self.out_proj(y.transpose(1, 2).flatten(2)), cache
+
+    def allocate_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> KVCache:
+        """An empty KVCache for `batch_size` rows of up to `max_len` tokens; `dtype` and `device`
+        default to the layer's parameters' (the dtype to the autocast dtype where autocast is on)."""
+        weight = self.k_proj.weight
+        return KVCache.zeros(batch_size, max_len, self.num_kv_heads, self.head_dim,
+                             dtype=dtype or compute_dtype(weight), device=weight.device if device is None else device)
 
 
 class TransformerBlock(nn.Module):
@@ -85,15 +108,29 @@ class TransformerBlock(nn.Module):
             self.attn = CausalSelfAttention(d, cfg.num_heads, cfg.num_kv_heads, rope_base=rope_base)
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm_attn(x))
-        return x + self.mlp(self.norm_mlp(x))
+    def forward(self, x: Tensor, cache: BlockCache | None = None) -> Tensor | tuple[Tensor, BlockCache]:
+        """(B, T, E) -> (B, T, E); with `cache`, (output, cache) after the T new tokens."""
+        if cache is None:
+            x = x + self.attn(self.norm_attn(x))
+            return x + self.mlp(self.norm_mlp(x))
+        x = x + self.attn(self.norm_attn(x), cache=cache.attn)[0]
+        return x + self.mlp(self.norm_mlp(x)), cache
+
+    def allocate_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> BlockCache:
+        """An empty BlockCache (the attention layer's KVCache)."""
+        return BlockCache(self.attn.allocate_cache(batch_size, max_len, dtype=dtype, device=device))
 
 
 class TransformerLM(nn.Module):
     """(B, T) tokens -> (B, T, vocab_size) next-token logits. Positions learned and absolute
     (as GPT-2) or rotary (as Llama), by `cfg.positions`; T <= max_len; the output layer tied
-    to the token embedding."""
+    to the token embedding.
+
+    Decoding: `cache = model.allocate_cache(B)`, then `logits, cache = model(tokens, cache=cache)`
+    for the prompt and for each next token (or chunk); the logits equal the full forward's at
+    those positions. `model.generate(prompt, max_new_tokens, ...)` samples (cram_ext.generate).
+    """
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -113,16 +150,43 @@ class TransformerLM(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, cache: ModelCache | None = None) -> Tensor | tuple[Tensor, ModelCache]:
+        """Logits (B, T, vocab_size); with `cache` (from `allocate_cache`), (logits, cache) for the
+        T tokens that follow the cached ones."""
         T = tokens.shape[1]
-        if T > self.cfg.max_len:
-            raise ValueError(f"TransformerLM: sequence of {T} tokens, more than max_len={self.cfg.max_len}")
+        if cache is None:
+            if T > self.cfg.max_len:
+                raise ValueError(f"TransformerLM: sequence of {T} tokens, more than max_len={self.cfg.max_len}")
+            x = self.embed(tokens)
+            if self.pos is not None:
+                x = x + self.pos(torch.arange(T, device=tokens.device))
+            for block in self.blocks:
+                x = block(x)
+            return self.head(self.norm(x))
+        cache.check(tokens.shape[0], T)
+        start = cache.position
         x = self.embed(tokens)
         if self.pos is not None:
-            x = x + self.pos(torch.arange(T, device=tokens.device))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
+            x = x + self.pos(torch.arange(start, start + T, device=tokens.device))
+        for block, block_cache in zip(self.blocks, cache.layers, strict=True):
+            x = block(x, block_cache)[0]
+        cache.position = start + T
+        return self.head(self.norm(x)), cache
+
+    def allocate_cache(self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> ModelCache:
+        """An empty ModelCache for `batch_size` rows of up to `max_len` tokens (default and at most
+        cfg.max_len: the positions the model has). `dtype` is the dtype attention computes in
+        (default the parameters', or the autocast dtype where autocast is on now)."""
+        max_len = self.cfg.max_len if max_len is None else max_len
+        if max_len > self.cfg.max_len:
+            raise ValueError(f"TransformerLM: a cache of max_len={max_len} is longer than the model's "
+                             f"max_len={self.cfg.max_len}")
+        return ModelCache([b.allocate_cache(batch_size, max_len, dtype=dtype, device=device) for b in self.blocks])
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs: Any) -> GenerateOutput:
+        """`cram_ext.generate(self, input_ids, max_new_tokens, **kwargs)`."""
+        return generate(self, input_ids, max_new_tokens, **kwargs)
 
     def routed_attention_layers(self) -> list[RoutedAttention]:
         return [b.attn for b in self.blocks if isinstance(b.attn, RoutedAttention)]

@@ -1,7 +1,10 @@
-"""Modules of a CRAM layer: routed attention (episodic + semantic memory) and working memory."""
+"""Modules of a CRAM layer: routed attention (episodic + semantic memory) and working memory,
+and the caches that carry their state between decoding calls."""
 
+from .cache import BlockCache, KVCache, ModelCache, ScanCache
 from .rotary import apply_rotary
 from .routed_attention import RoutedAttention, aux_losses
 from .working_memory import WorkingMemory
 
-__all__ = ["RoutedAttention", "WorkingMemory", "apply_rotary", "aux_losses"]
+__all__ = ["BlockCache", "KVCache", "ModelCache", "RoutedAttention", "ScanCache", "WorkingMemory", "apply_rotary",
+           "aux_losses"]

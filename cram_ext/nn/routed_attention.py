@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from ..ops import route, routed_attention
 from ..route_types import Route
+from .cache import KVCache, ScanCache, compute_dtype
 from .rotary import apply_rotary
 from .working_memory import WorkingMemory
 
@@ -85,6 +86,14 @@ class RoutedAttention(nn.Module):
     the tokens whose attention was computed, `last_probe` that of the probe tokens
     (target="loss", training; else None), and in training `aux_loss` holds the
     consolidation + router loss (see `aux_losses`).
+
+    Decoding: `forward(x, cache=cache)` with a `KVCache` from `allocate_cache` takes the next T
+    tokens (a prompt, one token, or any chunk), writes every new token's key and value into
+    the cache, routes the new tokens with the same router as the full forward, attends the
+    routed ones over all cached keys (bottom-right causal: new token i sees keys <= i + the
+    cache's position) and returns (output, cache). Prefill then steps give the full
+    forward's outputs and routing (eval mode only; routing="topk" looks at whole rows, so it
+    cannot decode).
     """
 
     def __init__(
@@ -154,26 +163,61 @@ class RoutedAttention(nn.Module):
         # weight > 0 at its probes only (dense tensors: no host sync to select them).
         self._probe_labels: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor | tuple[Tensor, KVCache]:
+        """(B, T, E) -> (B, T, E); with `cache`, (output, cache) after writing the T new
+        tokens into it (see the class docstring)."""
         if not hasattr(self, "q_proj"):
             raise RuntimeError("RoutedAttention(projections=False) has no forward: call mix(x, q, k, v)")
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"RoutedAttention: expected x of shape (B, T, E={self.embed_dim}), got "
                              f"{tuple(x.shape)}" + (" (add a batch dimension: x.unsqueeze(0))" if x.dim() == 2 else ""))
         B, T, _ = x.shape
+        if cache is not None:
+            self._check_decoding(cache)
+        offset = 0 if cache is None else cache.position
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.rope_base is not None:
-            q, k = apply_rotary(q, self.rope_base), apply_rotary(k, self.rope_base)
-        return self.out_proj(self.mix(x, q, k, v))
+            q, k = apply_rotary(q, self.rope_base, offset), apply_rotary(k, self.rope_base, offset)
+        if cache is None:
+            return self.out_proj(self.mix(x, q, k, v))
+        k, v = cache.update(k, v)
+        return self.out_proj(self.mix(x, q, k, v, memory_cache=cache.memory)), cache
 
-    def mix(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None) -> Tensor:
+    def allocate_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> KVCache:
+        """An empty KVCache for `batch_size` rows of up to `max_len` tokens (with the state of
+        the layer's working memory when memory=True). `dtype` is the dtype the layer computes
+        its keys in: default its parameters', or the autocast dtype where autocast is on now."""
+        weight = self.router_weight
+        dtype = compute_dtype(weight) if dtype is None else dtype
+        device = weight.device if device is None else device
+        memory = None if self.memory is None else self.memory.allocate_cache(batch_size, dtype=dtype, device=device)
+        return KVCache.zeros(batch_size, max_len, self.num_kv_heads, self.head_dim, dtype=dtype, device=device,
+                             memory=memory)
+
+    def _check_decoding(self, cache: KVCache) -> None:
+        if self.training:
+            raise RuntimeError("RoutedAttention: decoding with a cache needs eval mode (call model.eval()): a "
+                               "training forward explores, probes and counts warm-up steps")
+        if self.routing == "topk":
+            raise NotImplementedError("RoutedAttention: routing='topk' chooses among a whole row's tokens, "
+                                      "which is not causal, so it cannot decode token by token")
+        if (self.memory is None) != (cache.memory is None):
+            raise ValueError(f"RoutedAttention: the cache {'lacks' if cache.memory is None else 'has'} a working-memory "
+                             f"state and the layer has memory={self.memory is not None}: allocate the cache with "
+                             "the layer's allocate_cache")
+
+    def mix(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None,
+            memory_cache: ScanCache | None = None) -> Tensor:
         """The layer between its projections, for models that own them (cram_ext.hf): x (B, T, E)
         the layer's input, which the router and the semantic memory read; q (B, T, H, D), k and
-        v (B, S, Hk, D), positions applied. Returns (B, T, H * D): attention where routed, the
-        semantic memory's prediction elsewhere. Sets last_stats, last_mask, last_probe and
-        aux_loss, and counts the training step."""
+        v (B, S, Hk, D), positions applied (S > T: the first S - T keys are past tokens', as from
+        a KV cache). Returns (B, T, H * D): attention where routed, the semantic memory's
+        prediction elsewhere. Sets last_stats, last_mask, last_probe and aux_loss, and counts
+        the training step. `memory_cache`: with memory=True, the working memory's state before
+        x's first token, advanced in place (without it the scan starts from zeros)."""
         if self.training and _in_backward():
             # Activation checkpointing runs the forward again inside the backward: the same
             # computation (with the warm-up count the first run saw), nothing counted or kept.
@@ -183,20 +227,21 @@ class RoutedAttention(nn.Module):
                 return self._mix(x, q, k, v, softmax_scale)[0]
             finally:
                 self.trained_steps = steps
-        mixed, mask, probe, aux_loss = self._mix(x, q, k, v, softmax_scale)
-        self.last_stats = self._stats(mask)
+        mixed, mask, probe, aux_loss = self._mix(x, q, k, v, softmax_scale, memory_cache)
+        self.last_stats = self._stats(mask, offset=k.shape[1] - q.shape[1])
         self.last_mask, self.last_probe, self.aux_loss = mask, probe, aux_loss
         if self.training:
             self.trained_steps += 1
         return mixed
 
-    def _mix(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None):
+    def _mix(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None,
+             memory_cache: ScanCache | None = None):
         """(mixed output, mask of the tokens attended, probe mask or None, aux loss or None)."""
         B, T, _ = x.shape
         # No affine: the router's and the MLP's first linear maps absorb one.
         z = F.layer_norm(x.detach(), (x.shape[-1],))
         if self.memory is not None:
-            z = z + self.memory(z)
+            z = z + (self.memory(z) if memory_cache is None else self.memory(z, cache=memory_cache)[0])
         probe = None
         learning = self.training and self.routing == "learned" and not self.warming
         if learning and self.target == "loss" and self.probe > 0:
@@ -320,8 +365,9 @@ class RoutedAttention(nn.Module):
         return (_bce(prob, needed.float()) * weight).sum() / weight.sum().clamp_min(1.0)
 
     @staticmethod
-    def _stats(mask: Tensor) -> dict[str, Tensor]:
-        t = torch.arange(1, mask.shape[1] + 1, device=mask.device, dtype=torch.float32)
+    def _stats(mask: Tensor, offset: int = 0) -> dict[str, Tensor]:
+        # Token i of the call is at position offset + i (offset > 0 when decoding from a cache).
+        t = torch.arange(offset + 1, offset + mask.shape[1] + 1, device=mask.device, dtype=torch.float32)
         m = mask.float()
         return {
             "utilization": m.mean(),

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import gated_scan
+from ..reference import accumulate_dtype
+from .cache import ScanCache, compute_dtype
 
 
 class WorkingMemory(nn.Module):
@@ -19,6 +22,10 @@ class WorkingMemory(nn.Module):
     forward(x, dt=None, h0=None): dt (B, T) holds the time gaps of irregularly sampled
     inputs (ones when None); h0 (B, C) float32 is the initial state. The final state
     of the last forward is kept in `last_state`.
+
+    forward(x, dt=None, cache=cache) continues from a `ScanCache` (`allocate_cache`): the scan
+    starts from `cache.state`, writes its final state back there (in place) and returns
+    (output, cache). Feeding a sequence in pieces gives what one forward over it gives.
     """
 
     def __init__(self, embed_dim: int, state_dim: int | None = None) -> None:
@@ -29,10 +36,31 @@ class WorkingMemory(nn.Module):
         self.out = nn.Linear(state_dim, embed_dim, bias=False)
         self.last_state: Tensor | None = None
 
-    def forward(self, x: Tensor, dt: Tensor | None = None, h0: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, dt: Tensor | None = None, h0: Tensor | None = None,
+                cache: ScanCache | None = None) -> Tensor | tuple[Tensor, ScanCache]:
+        if cache is not None:
+            if h0 is not None:
+                raise ValueError("WorkingMemory: pass h0 or cache, not both (the cache holds the initial state)")
+            if x.shape[0] != cache.batch_size:
+                raise ValueError(f"WorkingMemory: the cache holds {cache.batch_size} rows, x has {x.shape[0]}")
+            h0 = cache.state
         u = self.inp(x)
         log_a = -F.softplus(self.gate(x))
         if dt is not None:
             log_a = log_a * dt.unsqueeze(-1)
         h, self.last_state = gated_scan(u, log_a.to(u.dtype), h0)
-        return self.out(h)
+        if cache is None:
+            return self.out(h)
+        # In place: the state keeps its address across steps (CUDA graphs).
+        cache.state.copy_(self.last_state)
+        cache.position += x.shape[1]
+        return self.out(h), cache
+
+    def allocate_cache(self, batch_size: int, *, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> ScanCache:
+        """A zero state for `batch_size` rows. `dtype` is the dtype the layer computes in
+        (default its parameters', or the autocast dtype where autocast is on); the state is held
+        in its accumulation dtype (float32, or float64 for float64)."""
+        weight = self.inp.weight
+        return ScanCache.zeros(batch_size, weight.shape[0], dtype=accumulate_dtype(dtype or compute_dtype(weight)),
+                               device=weight.device if device is None else device)

@@ -1,0 +1,129 @@
+"""Autoregressive generation for the language models (TransformerLM, token CRAMModel): one prefill
+of the prompt into a pre-allocated cache, then one token per step.
+
+The model is duck-typed: `model.allocate_cache(batch_size, max_len)`, `model(tokens, cache=cache)
+-> (logits, cache)` and `model.routed_attention_layers()`, with `model.cfg.vocab_size` set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GenerateOutput", "generate"]
+
+
+@dataclass
+class GenerateOutput:
+    """What `generate` returns.
+
+    Attributes:
+        tokens: (B, T0 + n) the prompt then the n generated tokens (n <= max_new_tokens: fewer
+            when every row reached eos_token_id). A row that has produced eos holds eos after it.
+        routed: (L, B, n) bool, one row per RoutedAttention layer (model.routed_attention_layers()):
+            whether layer l attended at the position whose logits gave generated token i (the
+            prompt's last token for i = 0, generated token i - 1 after); False once the row
+            has finished.
+        utilization: per RoutedAttention layer, the fraction of the generated tokens routed
+            (over routed[l], counting each row up to and including its eos); empty for a
+            dense model.
+        prompt_utilization: per RoutedAttention layer, the fraction of the prompt's tokens routed.
+    """
+
+    tokens: Tensor
+    routed: Tensor
+    utilization: list[float]
+    prompt_utilization: list[float]
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> GenerateOutput:
+    """Continue each row of `input_ids` by up to `max_new_tokens` tokens.
+
+    Args:
+        model: a TransformerLM, or a CRAMModel with vocab_size.
+        input_ids: (B, T0) int64 prompts, T0 >= 1, all rows of the same length.
+        max_new_tokens: how many tokens to generate per row, >= 1.
+        temperature: 0 picks the most likely token (greedy); > 0 samples from
+            softmax(logits / temperature).
+        top_k: when sampling, only from the k most likely tokens (None: all).
+        eos_token_id: a row stops at this token (and holds it afterwards); generation stops
+            when every row has produced it.
+        generator: the random generator of the sampling (on the model's device).
+
+    Returns:
+        A GenerateOutput: the tokens and the per-layer routing during generation.
+
+    Runs in eval mode (no exploration or probes: the routing of a full forward), under
+    torch.no_grad(); the model's training mode is restored afterwards. The cache is allocated
+    for T0 + max_new_tokens - 1 tokens, which a TransformerLM's cfg.max_len must allow.
+    """
+    vocab_size = getattr(getattr(model, "cfg", None), "vocab_size", None)
+    if vocab_size is None:
+        raise ValueError(f"generate: {type(model).__name__} has no vocab_size: generate needs a model of token inputs")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"generate: input_ids must be (B, T0) integer tokens with T0 >= 1, got "
+                         f"{tuple(input_ids.shape)} {input_ids.dtype}")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"generate: top_k must be >= 1 or None, got {top_k}")
+    B, T0 = input_ids.shape
+    layers = model.routed_attention_layers()
+    was_training = model.training
+    model.eval()
+    try:
+        # The last generated token is never fed back: it needs no room in the cache.
+        cache = model.allocate_cache(B, T0 + max_new_tokens - 1)
+        logits, cache = model(input_ids, cache=cache)
+        prompt_utilization = [float(layer.last_mask.float().mean()) for layer in layers]
+        decisions = [[layer.last_mask[:, -1]] for layer in layers]
+        new_tokens: list[Tensor] = []
+        active: list[Tensor] = []  # (B,) per generated token: the row had not finished before it
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for i in range(max_new_tokens):
+            token = _next_token(logits[:, -1], temperature, top_k, generator).to(input_ids.dtype)
+            active.append(~finished)
+            if eos_token_id is not None:
+                token = torch.where(finished, eos_token_id, token)
+                finished = finished | (token == eos_token_id)
+            new_tokens.append(token)
+            # One host sync per step, only when rows can finish early.
+            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+                break
+            logits, cache = model(token[:, None], cache=cache)
+            for layer, rows in zip(layers, decisions):
+                rows.append(layer.last_mask[:, -1])
+    finally:
+        model.train(was_training)
+    n = len(new_tokens)
+    counted = torch.stack(active, dim=1)
+    routed = (torch.stack([torch.stack(rows, dim=1) for rows in decisions]) & counted if layers
+              else torch.zeros(0, B, n, dtype=torch.bool, device=input_ids.device))
+    utilization = [float(r.sum() / counted.sum()) for r in routed]
+    return GenerateOutput(torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1), routed, utilization,
+                          prompt_utilization)
+
+
+def _next_token(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """(B, V) logits -> (B,) tokens: greedy at temperature 0, else sampled."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
