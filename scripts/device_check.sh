@@ -3,7 +3,7 @@
 # logs and JSON under $OUT (default ./device_out). Stages run in the order given
 # (default: all); a failing stage is reported and the next one still runs.
 #   bash scripts/device_check.sh build test sanitize bench
-#   FUZZ_BUDGET=150 bash scripts/device_check.sh prebuilt fuzz_memcheck   (seconds per op)
+#   FUZZ_BUDGET=150 bash scripts/device_check.sh build fuzz_memcheck   (seconds per op)
 # Wheels placed in .whl/ (fla-core, nvidia-cutlass) are installed to /tmp/site first.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -41,9 +41,6 @@ for stage in "${stages[@]}"; do
       fi
       run_stage build env MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install --no-build-isolation -e . -v
       python3 -c "import cram_ext, json; print(json.dumps(cram_ext.build_info()))" | tee "$OUT/build_info.json" ;;
-    prebuilt)  # a carried cram_ext/_C*.so from an earlier build stage: import from the tree
-      export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-      python3 -c "import cram_ext, json; print(json.dumps(cram_ext.build_info()))" ;;
     test)
       run_stage pytest python3 -m pytest python_tests -q -rs ;;
     sanitize)
