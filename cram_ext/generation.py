@@ -1,5 +1,6 @@
 """Autoregressive generation for the language models (TransformerLM, token CRAMModel): one prefill
 of the prompt into a pre-allocated cache, then one token per step.
+`python -m cram_ext.sample RUN_DIR` does it from the command line.
 
 The model is duck-typed: `model.allocate_cache(batch_size, max_len)`, `model(tokens, cache=cache)
 -> (logits, cache)` and `model.routed_attention_layers()`, with `model.cfg.vocab_size` set.
@@ -127,3 +128,4 @@ def _next_token(logits: Tensor, temperature: float, top_k: int | None, generator
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+

@@ -447,3 +447,22 @@ def test_generate_dense_and_bad_arguments():
         model.generate(torch.zeros(1, 0, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="max_len=24"):
         model.generate(torch.zeros(1, 20, dtype=torch.long), 6)
+
+
+def test_sample_continues_a_prompt_of_a_trained_lm_run(tmp_path, capsys):
+    """python -m cram_ext.sample: the bytes of a --task lm run's model after the prompt, and
+    the utilization per layer; a run of another task is refused."""
+    from cram_ext import sample, train
+
+    train.main(["--task", "lm", "--model", "transformer", "--device", "cpu", "--no-progress", "--steps", "4",
+                "--eval-every", "4", "--seq-len", "32", "--d-model", "32", "--heads", "2", "--layers", "2",
+                "--batch-size", "4", "--eval-examples", "4", "--router-warmup", "2", "--out", str(tmp_path / "lm")])
+    capsys.readouterr()
+    assert sample.main([str(tmp_path / "lm"), "--prompt", "def f", "--max-new-tokens", "12"]) == 0
+    text, utilization = capsys.readouterr().out.rsplit("\n", 2)[:2]
+    assert text.startswith("def f") and len(text.encode()) >= 5
+    assert utilization.startswith("attention utilization") and utilization.count("%") == 2
+    train.main(["--steps", "2", "--eval-every", "2", "--no-progress", "--eval-examples", "8", "--batch-size", "4",
+                "--out", str(tmp_path / "srcd")])
+    with pytest.raises(SystemExit):
+        sample.main([str(tmp_path / "srcd")])
