@@ -186,19 +186,27 @@ def get(name: str) -> Bench:
 
 
 def once(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """fn() computed at the first call and kept; an exception is kept too and raised again
-    (a reference that cannot be computed is tried once)."""
+    """fn() computed at the first call and kept; a failure is kept too and raised again (a
+    reference that cannot be computed is tried once). What is kept of a failure is its type and
+    message, not the exception: its traceback holds the frames of fn and of every caller it was
+    raised through (the reference's intermediates, each checked output), which would stay
+    allocated, on the GPU too, as long as the case lives."""
     box: list = []
 
-    def get_value():
+    def get_value() -> Any:
         if not box:
             try:
                 box.append((fn(), None))
             except Exception as e:  # noqa: BLE001
-                box.append((None, e))
+                box.append((None, (type(e), str(e))))
         value, error = box[0]
         if error is not None:
-            raise error
+            kind, message = error
+            try:
+                fresh = kind(message)
+            except Exception:  # noqa: BLE001 - a type that takes other arguments
+                fresh = RuntimeError(f"{kind.__name__}: {message}")
+            raise fresh
         return value
 
     return get_value

@@ -186,7 +186,9 @@ def run_case(spec: Bench, shape: dict, dtype: torch.dtype, impls: Sequence[Impl]
             run_impl(spec, impl, case, passes, runner)
     routed = [i for i in impls if i.routed]
     for density in densities if routed else ():
-        at = spec.at_density(case, density)
+        at = runner.attempt(f"rho={density} {shape_str(shape)}", spec.at_density, case, density)
+        if at is None:  # the routing could not be made (e.g. out of memory): a note, the next density
+            continue
         for impl in routed:
             run_impl(spec, impl, at, passes, runner)
         del at

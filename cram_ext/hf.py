@@ -14,13 +14,15 @@ router, the semantic-memory MLP, the routing state (warm-up count, last_stats, a
 and sets the model's attention implementation to "cram_routed". A forward pre-hook on each
 attention module hands the module's input (the hidden states, already normalised by the
 block) to the router and the semantic MLP, which read it layer-normalised and detached,
-exactly as RoutedAttention does.
+exactly as RoutedAttention does; a forward hook drops it again if the forward raised before the
+attention function took it.
 
 Masks: causal only, with or without a KV cache (bottom-right aligned, as after a
-DynamicCache). An attention mask with padding (any zero), a 4D mask, packed sequences, a
-sliding window shorter than the keys, a static cache or any other mask that hides more than
-the future raise NotImplementedError. Attention dropout is not applied (a warning says so
-when it is asked for).
+DynamicCache; with memory=True or routing="topk" without one: use_cache=False, since the
+cache holds no scan state and top-k is not causal). An attention mask with padding (any
+zero), a 4D mask, packed sequences, a sliding window shorter than the keys, a static cache or
+any other mask that hides more than the future raise NotImplementedError. Attention dropout
+is not applied (a warning says so when it is asked for).
 
 Checkpoints: `save_pretrained` saves each `cram` submodule (its extra state serialised into a
 uint8 tensor, as safetensors needs); `from_pretrained` drops those keys as unexpected, so a
@@ -95,7 +97,16 @@ class HFRouting(RoutedAttention):
                            "(cram_ext.hf.enable_routed_attention), not directly")
 
     def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None) -> Tensor:
-        """RoutedAttention.mix, with a warning when a training forward cannot train the router."""
+        """RoutedAttention.mix, with a warning when a training forward cannot train the router.
+        Raises NotImplementedError when the keys include cached ones (k longer than q) and the
+        routing cannot continue from a cache: memory=True (the transformers cache holds no scan
+        state, so the scan would restart from zeros at every step) or routing="topk" (not causal)."""
+        if k.shape[1] != q.shape[1] and (self.memory is not None or self.routing == "topk"):
+            what = "memory=True" if self.memory is not None else "routing='topk'"
+            raise NotImplementedError(
+                f"{ATTN_IMPLEMENTATION!r} with {what} cannot decode from a KV cache ({k.shape[1] - q.shape[1]} cached "
+                "tokens): the transformers cache holds no working-memory state (and top-k routing looks at whole "
+                "rows), so the routing would differ from the full forward's. Pass use_cache=False")
         if self.training and not torch.is_grad_enabled():
             warnings.warn("a training forward without gradients (torch.no_grad, or reentrant activation "
                           "checkpointing: use gradient_checkpointing_kwargs={'use_reentrant': False}): "
@@ -204,6 +215,15 @@ def _capture_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
         getattr(module, ATTR)._input = args[0] if args else kwargs.get("hidden_states")
 
 
+def _release_input(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+    """Forward hook of an attention module, run even when its forward raised: drop an input
+    the attention function did not take, which would keep the failed forward's activations
+    (and their autograd graph) alive until the module's next call."""
+    routing = getattr(module, ATTR, None)
+    if routing is not None:
+        routing._input = None
+
+
 def self_attention_modules(model: nn.Module) -> list[nn.Module]:
     """The causal self-attention modules of a transformers model: modules named *Attention*
     with a config and is_causal=True, not cross-attention."""
@@ -247,6 +267,7 @@ def enable_routed_attention(model: nn.Module, **routed_kwargs) -> nn.Module:
         for m, routing in zip(modules, routings):
             m.add_module(ATTR, routing)
             hooks.append(m.register_forward_pre_hook(_capture_input, with_kwargs=True))
+            hooks.append(m.register_forward_hook(_release_input, with_kwargs=True, always_call=True))
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             raise ValueError(f"{type(model).__name__} does not take attention functions from transformers' "

@@ -47,6 +47,7 @@ def route_from_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
     B, T = mask.shape
     counts = mask.sum(dim=1, dtype=torch.int32)
     positions = torch.arange(T, device=mask.device).expand(B, T)
-    # Unrouted slots hold T, so sorting puts the routed positions first, in order.
-    index = torch.where(mask, positions, T).sort(dim=1).values.to(torch.int32)
+    # Unrouted slots hold T, so sorting puts the routed positions first, in order. The sort keeps
+    # the layout of a strided mask (a transposed one gives a transposed index): hence contiguous().
+    index = torch.where(mask, positions, T).sort(dim=1).values.to(torch.int32).contiguous()
     return index, counts

@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="of the sampling")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
+    if not a.prompt:
+        p.error("--prompt: give at least one character to continue")
     model, config = load_run(a.run_dir, a.device)
     if config.get("task") != "lm":
         p.error(f"{a.run_dir} is a --task {config.get('task')} run: generation reads and writes bytes (--task lm)")

@@ -248,7 +248,10 @@ class LMTask(Task):
         return ce, {"bpb": ce.detach() / math.log(2)}
 
     def loss_counts(self, batch):
-        return {"bpb": torch.tensor(batch["labels"].numel(), device=batch["labels"].device)}
+        # new_full fills on the device; torch.tensor(n, device="cuda") is a blocking copy from
+        # the host, which waits for the step's forward at every step.
+        labels = batch["labels"]
+        return {"bpb": labels.new_full((), labels.numel())}
 
     def _metric_sums(self, out, pred, batch):
         ce = F.cross_entropy(out.flatten(0, 1), batch["labels"].flatten(), reduction="sum")

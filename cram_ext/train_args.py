@@ -106,7 +106,8 @@ def check_args(args: argparse.Namespace, world: int = 1) -> None:
         raise RunError("--positions is a choice of --model transformer (the CRAM model's working memory "
                        "orders its inputs)")
     if args.attention == "sdpa" and (args.model != "transformer" or args.routing != "learned"):
-        raise RunError("--attention sdpa is the dense transformer: use it with --model transformer only")
+        raise RunError("--attention sdpa is the dense transformer: use it with --model transformer and the default "
+                       "--routing learned only (the routing baselines are RoutedAttention's)")
     warmup = ROUTED_DEFAULTS["warmup"] if args.router_warmup is None else args.router_warmup
     if args.routing == "learned" and args.attention == "routed" and warmup >= args.steps:
         print(f"warning: --router-warmup {warmup} >= --steps {args.steps}: the router never trains and every "

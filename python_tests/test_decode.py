@@ -466,3 +466,22 @@ def test_sample_continues_a_prompt_of_a_trained_lm_run(tmp_path, capsys):
                 "--out", str(tmp_path / "srcd")])
     with pytest.raises(SystemExit):
         sample.main([str(tmp_path / "srcd")])
+
+
+def test_float64_model_decodes_under_autocast():
+    """Autocast casts no float64 tensor: a float64 model's keys stay float64 under it, and so must
+    the cache's default dtype (it was the autocast dtype, and the first step raised TypeError)."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=29, d_model=E, n_layers=1, num_heads=H, max_len=16, routed=dict(warmup=0))
+    model = TransformerLM(cfg).double().eval()
+    tokens = torch.randint(0, 29, (2, 8))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.allocate_cache(2, 8)
+        assert cache.layers[0].attn.k.dtype == torch.float64
+        logits, _ = model(tokens, cache=cache)
+        torch.testing.assert_close(logits, model(tokens))
+
+
+def test_rope_odd_head_dim_error_names_the_head_dim():
+    with pytest.raises(ValueError, match="even head dim, got 15"):
+        RoutedAttention(64, 4, head_dim=15, rope_base=10000.0)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from cram_ext import checkpoint, distributed, train
 from cram_ext.data import IGNORE
@@ -131,3 +132,21 @@ def test_weighted_rank_losses_average_to_the_global_mean(task):
     if task != "lm":  # uneven queries: the plain mean of the ranks' means is off
         plain = sum(t.loss(lg, pr, b)[0] for b, lg, pr in parts) / 2
         assert abs(float(plain) - float(whole)) > 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lm_loss_counts_are_made_on_the_device_without_a_host_sync(device):
+    """distributed.losses reads the counts at every step: on CUDA, torch.tensor(n, device=...) was
+    a blocking host-to-device copy (the host waited for the step's forward)."""
+    from cram_ext.tasks import LMTask
+
+    labels = torch.randint(0, 256, (4, 32), device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        counts = LMTask.loss_counts(None, {"labels": labels})  # reads nothing of the task
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert counts["bpb"].device == labels.device and counts["bpb"].dim() == 0 and int(counts["bpb"]) == 128

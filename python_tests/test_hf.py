@@ -213,3 +213,51 @@ def test_misuse_gets_clear_errors():
 def test_import_cram_ext_does_not_import_transformers():
     code = "import sys, cram_ext; assert 'transformers' not in sys.modules, 'transformers imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("routed", [dict(memory=True), dict(routing="topk", budget=0.5)], ids=["memory", "topk"])
+def test_decoding_from_a_kv_cache_refuses_what_cannot_continue_and_use_cache_false_works(routed):
+    """memory=True: the transformers cache holds no scan state, so a cached step would restart the
+    scan from zeros (routing and semantic output silently unlike the full forward's); top-k looks
+    at whole rows. Both raise on a cached step; without the cache, decoding is the full forward's."""
+    torch.manual_seed(0)
+    _, model = _pair("llama", warmup=0, **routed)
+    for m in _routings(model):  # about half the tokens routed, so the scan state matters
+        torch.nn.init.normal_(m.router_weight)
+        torch.nn.init.constant_(m.router_bias, 0.0)
+        if m.memory is not None:
+            torch.nn.init.normal_(m.memory.out.weight)
+    model.eval()
+    ids = torch.randint(1, V, (2, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+        past = model(ids[:, :11], use_cache=True).past_key_values
+        with pytest.raises(NotImplementedError, match="use_cache=False"):
+            model(ids[:, 11:], past_key_values=past, use_cache=True)
+        assert all(m._input is None for m in _routings(model))
+        gen = dict(max_new_tokens=3, do_sample=False, attention_mask=torch.ones_like(ids))
+        with pytest.raises(NotImplementedError, match="use_cache=False"):
+            model.generate(ids, **gen)
+        out = model.generate(ids, use_cache=False, **gen)
+        torch.testing.assert_close(model(ids[:, :12]).logits, full)
+    assert out.shape == (2, 15)
+    assert torch.equal(out[:, 12], full[:, -1].argmax(-1))
+
+
+def test_a_forward_that_raises_leaves_no_captured_input():
+    """A forward that fails between the pre-hook and the attention function must not keep its
+    hidden states (and their graph) in the routing module."""
+    _, model = _pair("llama")
+    attn = hf.self_attention_modules(model)[1]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    attn.q_proj.forward = broken
+    ids = torch.randint(0, V, (2, T))
+    with pytest.raises(RuntimeError, match="boom"):
+        model(ids)
+    assert all(m._input is None for m in _routings(model))
+    del attn.q_proj.forward
+    model(ids)  # and the model still runs
+    assert all(m._input is None for m in _routings(model))

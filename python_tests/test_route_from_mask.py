@@ -61,3 +61,14 @@ def test_feeds_routed_attention():
 def test_rejects_non_mask(bad):
     with pytest.raises(ValueError, match="route_from_mask"):
         cram_ext.route_from_mask(bad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_mask_gives_a_contiguous_index(device):
+    """A transposed or sliced mask: the index is still contiguous (as documented) and the same."""
+    base = routing_mask(17, 5, "random", device, density=0.4)
+    for mask in (base.t(), routing_mask(5, 34, "random", device, density=0.4)[:, ::2]):
+        index, counts = cram_ext.route_from_mask(mask)
+        assert index.is_contiguous() and counts.is_contiguous()
+        ref_index, ref_counts = cram_ext.route_from_mask(mask.contiguous())
+        assert torch.equal(index, ref_index) and torch.equal(counts, ref_counts)

@@ -220,7 +220,10 @@ def test_language_model_task_runs(tmp_path, attention):
 
 @pytest.mark.parametrize("bad, match", [(["--eval-every", "0"], "positive"), (["--steps", "-1"], "positive"),
                                         (["--task", "srcd", "--model", "transformer"], "--model cram"),
-                                        (["--attention", "sdpa"], "--model transformer")])
+                                        (["--attention", "sdpa"], "--model transformer"),
+                                        # the message named only --model, which was right here
+                                        (["--task", "mqar", "--model", "transformer", "--attention", "sdpa",
+                                          "--routing", "dense"], "--routing learned")])
 def test_bad_flags_are_refused_up_front(tmp_path, bad, match):
     args = train.build_parser().parse_args(TINY + ["--out", str(tmp_path)] + bad)
     with pytest.raises(ValueError, match=match):

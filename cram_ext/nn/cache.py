@@ -25,9 +25,11 @@ __all__ = ["BlockCache", "KVCache", "ModelCache", "ScanCache", "compute_dtype"]
 
 def compute_dtype(weight: Tensor) -> torch.dtype:
     """The dtype a layer with this weight computes in now: the autocast dtype when autocast is on
-    for its device, else the weight's. The default dtype of a cache's keys and values."""
+    for its device, else the weight's. The default dtype of a cache's keys and values.
+    Autocast leaves float64 alone (it casts no double tensor), so a float64 layer computes in
+    float64 under it too."""
     device_type = weight.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.is_autocast_enabled(device_type) and weight.is_floating_point() and weight.dtype != torch.float64:
         return torch.get_autocast_dtype(device_type)
     return weight.dtype
 

@@ -141,7 +141,7 @@ class RoutedAttention(nn.Module):
         self.trained_steps = 0
         self.target, self.probe, self.loss_tol = target, probe, loss_tol
         if rope_base is not None and self.head_dim % 2:
-            raise ValueError(f"rope_base needs an even head dim, got {embed_dim // num_heads}")
+            raise ValueError(f"rope_base needs an even head dim, got {self.head_dim}")
         self.rope_base = rope_base
         inner, kv_inner = num_heads * self.head_dim, num_kv_heads * self.head_dim
         self.embed_dim = embed_dim
