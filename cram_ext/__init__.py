@@ -11,7 +11,8 @@ from ._version import __version__
 from .checkpoint import load_run
 from .generation import GenerateOutput, generate
 from .models import CRAMBlock, CRAMConfig, CRAMModel, TransformerConfig, TransformerLM
-from .nn import BlockCache, KVCache, ModelCache, RoutedAttention, ScanCache, WorkingMemory, aux_losses
+from .nn import (BlockCache, KVCache, MetaplasticCache, MetaplasticMemory, ModelCache, RoutedAttention, ScanCache,
+                 WorkingMemory, aux_losses)
 from .ops import check_route, gated_scan, route, routed_attention, set_debug
 from .route_types import Route, route_from_mask
 
@@ -22,6 +23,8 @@ __all__ = [
     "CRAMModel",
     "GenerateOutput",
     "KVCache",
+    "MetaplasticCache",
+    "MetaplasticMemory",
     "ModelCache",
     "Route",
     "ScanCache",

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--d-model", type=int, default=64)
     m.add_argument("--layers", type=int, default=1)
     m.add_argument("--heads", type=int, default=4)
+    m.add_argument("--working-memory", choices=["scan", "metaplastic", "none"], default="scan",
+                   help="--model cram: each block's working memory: the gated scan, the metaplastic memory "
+                        "(Palimpsa, docs/metaplastic.md; --heads heads), or none")
     m.add_argument("--attention", choices=["routed", "sdpa"], default="routed",
                    help="--model transformer: RoutedAttention or dense scaled_dot_product_attention")
     m.add_argument("--positions", choices=["learned", "rope"], default="learned",
@@ -102,6 +105,8 @@ def check_args(args: argparse.Namespace, world: int = 1) -> None:
                        f"{world} processes")
     if args.task == "srcd" and args.model != "cram":
         raise RunError("--task srcd has continuous inputs: it needs --model cram")
+    if getattr(args, "working_memory", "scan") != "scan" and args.model != "cram":
+        raise RunError("--working-memory is a choice of --model cram (the transformer has no working memory)")
     if args.positions != "learned" and args.model != "transformer":
         raise RunError("--positions is a choice of --model transformer (the CRAM model's working memory "
                        "orders its inputs)")

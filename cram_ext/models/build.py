@@ -13,15 +13,17 @@ from .cram import CRAMConfig, CRAMModel
 from .transformer import TransformerConfig, TransformerLM
 
 MODELS = {"cram": (CRAMConfig, CRAMModel), "transformer": (TransformerConfig, TransformerLM)}  # --model
+WORKING_MEMORY = {"scan": "scan", "metaplastic": "metaplastic", "none": None}  # --working-memory -> CRAMConfig.memory
 
 
 def build_model(args: argparse.Namespace, shape: dict[str, Any], routed: dict[str, Any]) -> tuple[nn.Module, dict]:
-    """The model the arguments describe (--model, --d-model, --layers, --heads, --attention,
-    --positions) for a task of this shape (Task.model_config), its RoutedAttention layers
+    """The model the arguments describe (--model, --d-model, --layers, --heads, --working-memory,
+    --attention, --positions) for a task of this shape (Task.model_config), its RoutedAttention layers
     taking the keyword arguments `routed`; and its config, as config.json records it."""
     common = dict(d_model=args.d_model, n_layers=args.layers, num_heads=args.heads, routed=routed)
     if args.model == "cram":  # no position embeddings: the working memory orders the inputs
-        cfg: Any = CRAMConfig(**common, **{k: v for k, v in shape.items() if k != "max_len"})
+        memory = WORKING_MEMORY[getattr(args, "working_memory", "scan")]  # a Namespace from before the flag: scan
+        cfg: Any = CRAMConfig(**common, **{k: v for k, v in shape.items() if k != "max_len"}, memory=memory)
     else:
         cfg = TransformerConfig(**common, attention=args.attention, positions=args.positions, **shape)
     return MODELS[args.model][1](cfg), dataclasses.asdict(cfg)
@@ -29,6 +31,7 @@ def build_model(args: argparse.Namespace, shape: dict[str, Any], routed: dict[st
 
 def model_from_config(model: str, model_config: dict[str, Any]) -> nn.Module:
     """The (untrained) model of a run whose config.json says "model": `model` and
-    "model_config": `model_config`."""
+    "model_config": `model_config` (a CRAM config without "memory", from before that key, is the
+    gated scan: CRAMConfig's default)."""
     config_cls, model_cls = MODELS[model]
     return model_cls(config_cls(**model_config))

@@ -9,7 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from ..generation import GenerateOutput, generate
-from ..nn import BlockCache, ModelCache, RoutedAttention, WorkingMemory
+from ..nn import BlockCache, MetaplasticMemory, ModelCache, RoutedAttention, WorkingMemory
+
+MEMORIES = ("scan", "metaplastic", None)  # CRAMConfig.memory
 
 
 @dataclass
@@ -19,6 +21,11 @@ class CRAMConfig:
     Token inputs when `vocab_size` is set (logits over it come out), continuous
     inputs of `input_dim` channels otherwise (`output_dim` channels come out). `routed`
     holds RoutedAttention keyword arguments beyond its shape (empty: the layer's defaults).
+
+    `memory` is each block's working memory: "scan" (WorkingMemory, the gated scan, of
+    `state_dim` channels), "metaplastic" (MetaplasticMemory with `num_heads` heads and its
+    default dims; `state_dim` unused) or None (no working memory). A config without the key
+    (config.json of runs from before it existed) means "scan".
     """
 
     d_model: int = 64
@@ -31,8 +38,11 @@ class CRAMConfig:
     state_dim: int | None = None
     mlp_ratio: int = 4
     routed: dict[str, Any] = field(default_factory=dict)
+    memory: str | None = "scan"
 
     def __post_init__(self) -> None:
+        if self.memory not in MEMORIES:
+            raise ValueError(f"CRAMConfig: memory must be one of {MEMORIES}, got {self.memory!r}")
         if (self.vocab_size is None) == (self.input_dim is None):
             raise ValueError("CRAMConfig: set exactly one of vocab_size (tokens) and input_dim (continuous)")
         if self.input_dim is not None and self.output_dim is None:
@@ -40,13 +50,22 @@ class CRAMConfig:
 
 
 class CRAMBlock(nn.Module):
-    """Pre-norm residual block: x + WorkingMemory, x + RoutedAttention, x + MLP."""
+    """Pre-norm residual block: x + working memory (cfg.memory: WorkingMemory, MetaplasticMemory,
+    or none), x + RoutedAttention, x + MLP."""
 
     def __init__(self, cfg: CRAMConfig) -> None:
         super().__init__()
         d = cfg.d_model
-        self.norm_memory, self.norm_attn, self.norm_mlp = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.memory = WorkingMemory(d, cfg.state_dim)
+        self.memory: WorkingMemory | MetaplasticMemory | None
+        if cfg.memory is None:
+            self.norm_attn, self.norm_mlp = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.memory = None
+        else:
+            self.norm_memory, self.norm_attn, self.norm_mlp = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+            if cfg.memory == "scan":
+                self.memory = WorkingMemory(d, cfg.state_dim)
+            else:
+                self.memory = MetaplasticMemory(d, cfg.num_heads)
         self.attn = RoutedAttention(d, cfg.num_heads, cfg.num_kv_heads, **cfg.routed)
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
 
@@ -55,20 +74,23 @@ class CRAMBlock(nn.Module):
         """(B, T, E) -> (B, T, E); with `cache` (from `allocate_cache`), (output, cache) for the
         T tokens that follow the cached ones."""
         if cache is None:
-            x = x + self.memory(self.norm_memory(x), dt)
+            if self.memory is not None:
+                x = x + self.memory(self.norm_memory(x), dt)
             x = x + self.attn(self.norm_attn(x))
             return x + self.mlp(self.norm_mlp(x))
         # Before the working memory advances: an overflow leaves the cache as it was.
         cache.attn.check_room(x.shape[1])
-        x = x + self.memory(self.norm_memory(x), dt, cache=cache.memory)[0]
+        if self.memory is not None:
+            x = x + self.memory(self.norm_memory(x), dt, cache=cache.memory)[0]
         x = x + self.attn(self.norm_attn(x), cache=cache.attn)[0]
         return x + self.mlp(self.norm_mlp(x)), cache
 
     def allocate_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> BlockCache:
-        """An empty BlockCache: the attention layer's KVCache and the working memory's state."""
-        return BlockCache(self.attn.allocate_cache(batch_size, max_len, dtype=dtype, device=device),
-                          self.memory.allocate_cache(batch_size, dtype=dtype, device=device))
+        """An empty BlockCache: the attention layer's KVCache and the working memory's state
+        (a ScanCache, a MetaplasticCache, or None without a working memory)."""
+        memory = None if self.memory is None else self.memory.allocate_cache(batch_size, dtype=dtype, device=device)
+        return BlockCache(self.attn.allocate_cache(batch_size, max_len, dtype=dtype, device=device), memory)
 
 
 class CRAMModel(nn.Module):
@@ -117,7 +139,7 @@ class CRAMModel(nn.Module):
                        device: torch.device | str | None = None) -> ModelCache:
         """An empty ModelCache for `batch_size` rows of up to `max_len` tokens. `dtype` is the
         dtype attention computes in (default the parameters', or the autocast dtype where autocast
-        is on now); the scan states are held in float32 (float64 for a float64 model)."""
+        is on now); the working memories' states are held in float32 (float64 for a float64 model)."""
         return ModelCache([b.allocate_cache(batch_size, max_len, dtype=dtype, device=device) for b in self.blocks])
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs: Any) -> GenerateOutput:
