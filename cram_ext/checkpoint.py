@@ -98,7 +98,11 @@ def prepare_run_folder(out: Path, args: dict[str, Any], resume: bool, force: boo
         if not ckpt.exists():
             return None
         if config.exists():
-            saved = {k: v for k, v in json.loads(config.read_text()).items() if k in args}
+            from .train_args import build_parser  # here: train_args imports this module
+
+            # A flag added after the run was made: the run had what is now its default.
+            defaults = {k: v for k, v in vars(build_parser().parse_args([])).items() if k in args}
+            saved = {**defaults, **{k: v for k, v in json.loads(config.read_text()).items() if k in args}}
             diff = mismatches(saved, args)
             if diff:
                 raise RunError(f"--resume: {out} was run with other arguments ({'; '.join(diff)}). Resume with "

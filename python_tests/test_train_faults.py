@@ -139,3 +139,17 @@ def test_new_run_over_an_old_one_needs_force(tmp_path, whole):
     subprocess.run(cmd + ["--force"], env=env, check=True, capture_output=True)
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
     assert not (tmp_path / "checkpoint-500.pt").exists(), "the probe would read the old run's checkpoint"
+
+
+def test_a_flag_newer_than_the_run_resumes_at_its_default(tmp_path, whole):
+    """A run folder from before a flag existed (config.json without it) resumes when the flag
+    is left at its default, and is refused when it is set to something else."""
+    for name in ("checkpoint.pt", "metrics.jsonl"):
+        (tmp_path / name).write_bytes((whole / name).read_bytes())
+    config = json.loads((whole / "config.json").read_text())
+    del config["working_memory"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert "--working-memory: 'scan' -> 'metaplastic'" in resume_error(tmp_path, "--working-memory", "metaplastic")
+    cmd, env = trainer(tmp_path, "--resume")
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 60

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # metaplastic_memory imports this module
+    from .metaplastic_memory import MetaplasticCache
 
 __all__ = ["BlockCache", "KVCache", "ModelCache", "ScanCache", "compute_dtype"]
 
@@ -139,7 +143,7 @@ class BlockCache:
     the scan state of the block's working memory."""
 
     attn: KVCache
-    memory: ScanCache | None = None
+    memory: ScanCache | MetaplasticCache | None = None
 
     def reset(self) -> None:
         """Back to no tokens, in place."""
