@@ -63,11 +63,14 @@ def _transformer(device, attention, **kw):
                                            attention=attention, **kw)).to(device)
 
 
+@pytest.mark.parametrize("positions", ["learned", "rope"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_transformer_routed_at_init_equals_dense(device):
+def test_transformer_routed_at_init_equals_dense(device, positions):
     """Everything is routed at initialisation, so the routed TransformerLM computes what the
-    dense one does with the same weights (eval, no probes)."""
-    routed, dense = _transformer(device, "routed"), _transformer(device, "sdpa")
+    dense one does with the same weights (eval, no probes), with learned positions or with
+    rotary ones inside both attentions."""
+    routed, dense = _transformer(device, "routed", positions=positions), _transformer(device, "sdpa", positions=positions)
+    assert (routed.pos is None) == (positions == "rope")
     dense.load_state_dict(routed.state_dict(), strict=False)
     routed.eval(), dense.eval()
     tokens = torch.randint(0, 61, (3, 40), device=device)
@@ -98,20 +101,6 @@ def test_transformer_trains_every_parameter(device, attention):
 def test_transformer_config_rejects_unknown_attention():
     with pytest.raises(ValueError, match="attention"):
         TransformerConfig(vocab_size=10, attention="flash")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_rotary_transformer_routed_at_init_equals_dense(device):
-    """Rotary positions inside both attentions: still the same function at initialisation."""
-    routed, dense = _transformer(device, "routed", positions="rope"), _transformer(device, "sdpa", positions="rope")
-    assert routed.pos is None
-    dense.load_state_dict(routed.state_dict(), strict=False)
-    routed.eval(), dense.eval()
-    tokens = torch.randint(0, 61, (3, 40), device=device)
-    with torch.no_grad():
-        a, b = routed(tokens), dense(tokens)
-    tol = {"rtol": 1e-4, "atol": 1e-4} if device == "cpu" else {"rtol": 3e-2, "atol": 3e-2}
-    torch.testing.assert_close(a, b, **tol)
 
 
 def test_rotary_scores_depend_on_the_offset_only():

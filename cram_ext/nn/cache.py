@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -180,6 +180,18 @@ class ModelCache:
         if self.layers and batch_size != self.batch_size:
             raise ValueError(f"ModelCache: allocated for batch size {self.batch_size}, got {batch_size} rows")
         _check_room("ModelCache", self.position, new_tokens, self.max_len)
+
+
+def initial_state(layer: str, x: Tensor, h0: Any, cache: Any) -> Any:
+    """The state a working memory starts x from: h0, or with a cache (for decoding) the
+    cache's state, after checking the two are not both given and the batch sizes agree."""
+    if cache is None:
+        return h0
+    if h0 is not None:
+        raise ValueError(f"{layer}: pass h0 or cache, not both (the cache holds the initial state)")
+    if x.shape[0] != cache.batch_size:
+        raise ValueError(f"{layer}: the cache holds {cache.batch_size} rows, x has {x.shape[0]}")
+    return cache.state
 
 
 def _check_room(what: str, position: int, new_tokens: int, max_len: int) -> None:

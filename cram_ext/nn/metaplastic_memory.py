@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..reference import accumulate_dtype
 from ..reference_metaplastic import MetaplasticState, metaplastic_scan_chunked, metaplastic_step
-from .cache import compute_dtype
+from .cache import compute_dtype, initial_state
 
 __all__ = ["MetaplasticCache", "MetaplasticMemory"]
 
@@ -174,12 +174,7 @@ class MetaplasticMemory(nn.Module):
 
     def forward(self, x: Tensor, dt: Tensor | None = None, h0: tuple[Tensor, Tensor] | None = None,
                 cache: MetaplasticCache | None = None) -> Tensor | tuple[Tensor, MetaplasticCache]:
-        if cache is not None:
-            if h0 is not None:
-                raise ValueError("MetaplasticMemory: pass h0 or cache, not both (the cache holds the initial state)")
-            if x.shape[0] != cache.batch_size:
-                raise ValueError(f"MetaplasticMemory: the cache holds {cache.batch_size} rows, x has {x.shape[0]}")
-            h0 = cache.state
+        h0 = initial_state("MetaplasticMemory", x, h0, cache)
         B, T, _ = x.shape
         H, dk, dv = self.num_heads, self.key_dim, self.value_dim
         qkv, tail = self._conv(self.qkv(x), None if cache is None else cache.conv)

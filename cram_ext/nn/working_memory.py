@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..ops import gated_scan
 from ..reference import accumulate_dtype
-from .cache import ScanCache, compute_dtype
+from .cache import ScanCache, compute_dtype, initial_state
 
 
 class WorkingMemory(nn.Module):
@@ -38,12 +38,7 @@ class WorkingMemory(nn.Module):
 
     def forward(self, x: Tensor, dt: Tensor | None = None, h0: Tensor | None = None,
                 cache: ScanCache | None = None) -> Tensor | tuple[Tensor, ScanCache]:
-        if cache is not None:
-            if h0 is not None:
-                raise ValueError("WorkingMemory: pass h0 or cache, not both (the cache holds the initial state)")
-            if x.shape[0] != cache.batch_size:
-                raise ValueError(f"WorkingMemory: the cache holds {cache.batch_size} rows, x has {x.shape[0]}")
-            h0 = cache.state
+        h0 = initial_state("WorkingMemory", x, h0, cache)
         u = self.inp(x)
         log_a = -F.softplus(self.gate(x))
         if dt is not None:
