@@ -102,6 +102,25 @@ def attention_table(records: list[dict]) -> str | None:
     return table(header, rows)
 
 
+def decode_table(records: list[dict]) -> str | None:
+    """cram's decoding step at each density beside dense SDPA's at the same shape: time, tokens
+    a second, the routed rows' cache reads against the copy bandwidth."""
+    gbps = copy_gbps(records)
+    cram = [r for r in records if r["bench"] == "routed_decode" and r["impl"] == "cram"]
+    if not cram:
+        return None
+    dense = {json.dumps(r["shape"]): r for r in records if r["bench"] == "routed_decode" and r["impl"] == "sdpa"}
+    rows = []
+    for r in cram:
+        base = dense.get(json.dumps(r["shape"]))
+        share = f"{r['bytes'] / r['ms'] / 1e6 / gbps:.0%}" if gbps and r["device"] != "cpu" else "–"
+        rows.append([shape_str(r["shape"]), f"{r['density']:.3g}", f"{r['ms']:.4f}",
+                     f"{r['shape']['B'] / r['ms'] * 1e3:,.0f}", share,
+                     f"{base['ms']:.4f}" if base else "–", f"{r['ms'] / base['ms']:.3f}" if base else "–"])
+    header = ["shape (B×S×H×Hk×D)", "ρ (rows)", "cram ms", "tokens/s", "of copy BW", "sdpa ms", "cram / sdpa"]
+    return table(header, rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="a device name as recorded (default: all)")
@@ -122,6 +141,7 @@ def render(device: str | None = None) -> str:
         sections = [(spec.record, memory_bound_table(records, spec.record, spec.baselines))
                     for spec in map(registry.get, ("scan", "router"))]
         sections.append(("routed_attention (time relative to dense; < 1 is faster)", attention_table(records)))
+        sections.append(("routed_decode (one decoding step, CUDA-graph replay on GPUs)", decode_table(records)))
         out += [f"**{title}**\n\n{body}\n" for title, body in sections if body]
     return "\n".join(out)
 

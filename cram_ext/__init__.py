@@ -13,7 +13,7 @@ from .generation import GenerateOutput, generate
 from .models import CRAMBlock, CRAMConfig, CRAMModel, TransformerConfig, TransformerLM
 from .nn import (BlockCache, KVCache, MetaplasticCache, MetaplasticMemory, ModelCache, RoutedAttention, ScanCache,
                  WorkingMemory, aux_losses)
-from .ops import check_route, gated_scan, route, routed_attention, set_debug
+from .ops import check_route, gated_scan, route, routed_attention, routed_decode, set_debug
 from .route_types import Route, route_from_mask
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "route",
     "route_from_mask",
     "routed_attention",
+    "routed_decode",
     "set_debug",
 ]
 

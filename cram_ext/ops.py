@@ -17,7 +17,7 @@ from . import _C  # noqa: F401  (loading the library runs the op registrations)
 from .reference import accumulate_dtype
 from .route_types import Route
 
-__all__ = ["gated_scan", "route", "routed_attention", "check_route", "set_debug"]
+__all__ = ["gated_scan", "route", "routed_attention", "routed_decode", "check_route", "set_debug"]
 
 _debug = os.environ.get("CRAM_DEBUG", "0") not in ("", "0")
 
@@ -288,3 +288,54 @@ def _routed_attention_backward(ctx, grad_out, _grad_lse):
 torch.library.register_autograd(
     "cram::routed_attention", _routed_attention_backward, setup_context=_routed_attention_setup_context
 )
+
+
+# ------------------------------------------------------------- routed_decode
+
+
+def routed_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens: Tensor,
+    routed: Tensor,
+    softmax_scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One decoding step of routed attention: each row's new query token attends over its own
+    KV cache, only in the rows the router sent to attention.
+
+    For every row b with routed[b] and n = clamp(seqlens[b], 0, S) > 0, and head h:
+    out[b, h] = softmax(scale * q[b, h] . k_cache[b, j, h // (H / Hk)]) @ v_cache over j < n.
+    The new token's own key and value must already be in the cache (at position n - 1).
+
+    Args:
+        q: (B, H, D), the new tokens' queries; float16/bfloat16/float32 on CUDA (D in {64,
+            128}), also float64 on CPU.
+        k_cache, v_cache: (B, S, Hk, D) buffers of a static length S (a `KVCache`'s), same
+            dtype, H % Hk == 0. Only the first seqlens[b] positions of row b are read.
+        seqlens: (B,) int32, the keys valid in each row (rows may differ), read on the device.
+        routed: (B,) bool, the rows whose attention is computed.
+        softmax_scale: defaults to D ** -0.5.
+
+    Returns:
+        out: (B, H, D) in q.dtype, exactly 0 in rows not routed or with no keys.
+        lse: (B, H) log-sum-exp of the scaled scores, float32 (float64 for float64 inputs),
+        -inf in those rows.
+
+    Inference only (not differentiable). No host sync, and the work plan depends on the
+    shapes alone, so a step can be captured in a CUDA graph with seqlens and routed updated
+    in place. On CUDA the cache is split along S over the multiprocessors (FlashDecoding)
+    and the splits merged through their log-sum-exps; a row that is not routed costs reading
+    its flag. Strided views are read as they are when each row of D elements is contiguous
+    and (CUDA) 16-byte aligned; anything else is copied first (the whole cache: allocate
+    caches contiguous). Values of seqlens outside [0, S] are clamped, never read past.
+    """
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return torch.ops.cram.routed_decode.default(q, k_cache, v_cache, seqlens, routed, scale)
+
+
+@torch.library.register_fake("cram::routed_decode")
+def _(q, k_cache, v_cache, seqlens, routed, softmax_scale):
+    _check_same_device("routed_decode", q=q, k_cache=k_cache, v_cache=v_cache, seqlens=seqlens, routed=routed)
+    return (q.new_empty(q.shape),
+            q.new_empty(q.shape[:2], dtype=accumulate_dtype(q.dtype)))

@@ -83,3 +83,33 @@ def routed_attention(
     out = torch.where(routed[:, :, None, None], out, 0.0)
     lse = torch.where(routed[:, None, :], lse, float("-inf"))
     return out.to(q.dtype), lse
+
+
+def routed_decode(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, routed: Tensor, softmax_scale: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """One query token per row over that row's first n = clamp(seqlens[b], 0, S) cached keys,
+    in the rows where `routed` is True.
+
+    q: (B, H, D); k_cache, v_cache: (B, S, Hk, D); seqlens (B,) int; routed (B,) bool.
+    Returns out (B, H, D) in q.dtype, zero where not routed (or n = 0), and lse (B, H) in
+    the accumulation dtype, -inf there.
+    """
+    acc = accumulate_dtype(q.dtype)
+    B, H, D = q.shape
+    S, Hk = k_cache.shape[1], k_cache.shape[2]
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    kf = k_cache.to(acc).repeat_interleave(H // Hk, dim=2)
+    vf = v_cache.to(acc).repeat_interleave(H // Hk, dim=2)
+    scores = torch.einsum("bhd,bshd->bhs", q.to(acc), kf) * scale
+    n = torch.where(routed, seqlens.long().clamp(0, S), 0)
+    valid = torch.arange(S, device=q.device) < n[:, None]  # (B, S)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    has_keys = (n > 0)[:, None]
+    probs = torch.softmax(scores.masked_fill(~has_keys[..., None], 0.0), dim=-1)
+    # Positions past a row's length are never read: 0 * NaN there must not reach the output.
+    out = torch.einsum("bhs,bshd->bhd", probs, vf.masked_fill(~valid[:, :, None, None], 0.0))
+    out = torch.where(has_keys[..., None], out, 0.0)
+    lse = torch.where(has_keys, lse, float("-inf"))
+    return out.to(q.dtype), lse

@@ -43,6 +43,10 @@ TORCH_LIBRARY(cram, m) {
       "routed_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
       " Tensor index, Tensor counts, float softmax_scale, bool deterministic=False)"
       " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+
+  m.def(
+      "routed_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, Tensor routed, float softmax_scale)"
+      " -> (Tensor out, Tensor lse)");
 }
 
 }  // namespace cram

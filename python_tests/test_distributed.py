@@ -28,7 +28,9 @@ TINY = ["--task", "mqar", "--model", "transformer", "--layers", "1", "--d-model"
         "--seq-len", "32", "--num-kv-pairs", "4", "--vocab-size", "64", "--batch-size", "8", "--eval-examples", "64",
         "--eval-every", "15", "--log-every", "1", "--router-warmup", "5", "--router-bias-init", "-0.75", "--tol", "1",
         "--threads", "1", "--no-progress", "--device", "cpu", "--no-transfer", "--steps", "30"]
-EXACT = ["--explore", "0"]  # no random tokens: the single process's draws could not be split between ranks
+# No random tokens (no exploration, and target="predict": no probes): the single process's
+# draws could not be split between ranks.
+EXACT = ["--explore", "0", "--target", "predict"]
 RANDOM = ["--target", "loss", "--ckpt-every", "15", "--keep-checkpoints"]  # exploration and probes: per-rank draws
 
 

@@ -19,16 +19,18 @@ def _config(device, **kw):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_token_model_trains_every_parameter(device):
-    model = CRAMModel(_config(device, vocab_size=50, n_layers=2, num_kv_heads=1, routed={"warmup": 0})).to(device)
+    model = CRAMModel(_config(device, vocab_size=50, n_layers=2, num_kv_heads=1, routed={"warmup": 0, "probe": 0.5})).to(device)
     with torch.no_grad():
         for layer in model.routed_attention_layers():
             layer.router_weight.normal_(std=0.5)
             layer.router_bias.zero_()
     tokens = torch.randint(0, 50, (3, 27), device=device)
-    logits = model(tokens)
+    for _ in range(2):  # target="loss": the router learns from the previous step's probes
+        model.zero_grad(set_to_none=True)
+        logits = model(tokens)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()) + aux_losses(model)
+        loss.backward()
     assert logits.shape == (3, 27, 50) and torch.isfinite(logits).all()
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()) + aux_losses(model)
-    loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     stats = [layer.last_stats for layer in model.routed_attention_layers()]

@@ -122,8 +122,13 @@ def _training_step_inputs(device, **kw):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_training_losses_reach_every_parameter(device):
-    layer, x = _training_step_inputs(device)
+@pytest.mark.parametrize("target", ["predict", "loss"])
+def test_training_losses_reach_every_parameter(device, target):
+    layer, x = _training_step_inputs(device, target=target, probe=0.5)
+    if target == "loss":  # the router learns from the previous training step's probes
+        layer(x).square().mean().backward()
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
     y = layer(x)
     aux = aux_losses(layer)
     assert aux.dim() == 0 and torch.isfinite(aux) and aux > 0
@@ -204,16 +209,18 @@ def test_exports():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_autocast_training_step(device):
-    layer, e = _layer(device)
+    layer, e = _layer(device, probe=0.5)
     wm = WorkingMemory(e).to(device)
     with torch.no_grad():
         layer.router_weight.normal_(std=0.5)
         layer.router_bias.zero_()
     x = torch.randn(2, 40, e, device=device)
-    with torch.autocast(device_type=device, dtype=torch.bfloat16):
-        y = layer(wm(x))
-        loss = y.float().square().mean() + aux_losses(layer)
-    loss.backward()
+    for _ in range(2):  # target="loss": the router learns from the previous step's probes
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            y = layer(wm(x))
+            loss = y.float().square().mean() + aux_losses(layer)
+        loss.backward()
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
@@ -322,7 +329,7 @@ def test_warmup_routes_everything_and_freezes_the_router(device, target):
 def test_warmup_freezes_the_topk_router_too(device):
     """routing="topk" keeps its budget during the warm-up, and its router gets no gradient
     until the warm-up is over."""
-    layer, e = _layer(device, warmup=1, routing="topk", budget=0.25)
+    layer, e = _layer(device, warmup=1, routing="topk", budget=0.25, target="predict")
     layer.train()
     x = torch.randn(2, 32, e, device=device)
     for frozen in (True, False):
