@@ -104,8 +104,11 @@ __global__ void __launch_bounds__(kThreads) routed_decode_split_kernel(const Rou
 
   const T* kbase = static_cast<const T*>(p.k) + b * p.k_batch_stride + kvh * p.k_head_stride + dim0;
   const T* vbase = static_cast<const T*>(p.v) + b * p.v_batch_stride + kvh * p.v_head_stride + dim0;
-  const int first = begin + warp * SLOTS + slot;  // this slot's keys: first + u * kWarps * SLOTS + iter * kKeysPerIter
-  for (int base = first; base < end; base += Shape::kKeysPerIter) {
+  // The loop bound is the same for every lane (the shuffles below need the whole warp); this
+  // slot's keys are base + u * kWarps * SLOTS, masked past the end.
+  const int offset = warp * SLOTS + slot;
+  for (int block_base = begin; block_base < end; block_base += Shape::kKeysPerIter) {
+    const int base = block_base + offset;
     Packed<T, VEC> kv[kUnroll], vv[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
