@@ -4,6 +4,7 @@
 // the causal mask is applied only to the band of keys between the block's first
 // and last position. The products go through ATen's GEMM; threads split the blocks.
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -12,6 +13,8 @@
 #include <limits>
 #include <vector>
 
+#include "common/cpu_isa.h"
+#include "common/cpu_math.h"
 #include "routed_attention/routed_attention.h"
 
 namespace cram {
@@ -85,9 +88,118 @@ at::Tensor masked_scores(const at::Tensor& q_blk, const at::Tensor& k_seen, cons
 
 }  // namespace
 
+namespace {
+
+// Keys per chunk of the forward: a block's scores for one chunk (kBlockQ x kBlockK floats,
+// 128 KiB) stay in L2 between the two GEMMs and the softmax pass that runs between them,
+// where whole rows of scores (up to S keys) would go to memory and back several times.
+constexpr int64_t kBlockK = 512;
+
+// The softmax pass over one chunk of scores, for rows 0..n-1: keys j <= pos[i] + shift are
+// visible; the row's running max m, sum l and rescale factor alpha are updated and the
+// scores replaced by exp(s - m) (0 where masked). The reductions keep kLanes partial results
+// so that the compiler vectorises them (a single running max or sum is a loop-carried
+// dependence it may not reorder without -ffast-math).
+constexpr int kLanes = 16;
+
+template <typename scalar_t>
+__attribute__((always_inline)) inline void softmax_chunk(scalar_t* sp, int64_t n, int64_t kc, int64_t c0,
+                                                         const int64_t* pos, int64_t shift, scalar_t* m, scalar_t* l,
+                                                         scalar_t* alpha) {
+  for (int64_t i = 0; i < n; ++i) {
+    scalar_t* row = sp + i * kc;
+    const int64_t seen = std::clamp<int64_t>(pos[i] + shift - c0 + 1, 0, kc);
+    const int64_t full = seen / kLanes * kLanes;
+    scalar_t part[kLanes];
+    for (int w = 0; w < kLanes; ++w) part[w] = m[i];
+    for (int64_t j = 0; j < full; j += kLanes) {
+      for (int w = 0; w < kLanes; ++w) part[w] = part[w] > row[j + w] ? part[w] : row[j + w];
+    }
+    scalar_t mx = m[i];
+    for (int w = 0; w < kLanes; ++w) mx = std::max(mx, part[w]);
+    for (int64_t j = full; j < seen; ++j) mx = std::max(mx, row[j]);
+    // Every row sees key 0 in the first chunk, so mx is finite from then on (unless the
+    // inputs are not: NaN propagates as in the reference).
+    for (int w = 0; w < kLanes; ++w) part[w] = 0;
+    for (int64_t j = 0; j < full; j += kLanes) {
+      for (int w = 0; w < kLanes; ++w) {
+        row[j + w] = exp_vectorisable(row[j + w] - mx);
+        part[w] += row[j + w];
+      }
+    }
+    scalar_t sum = 0;
+    for (int w = 0; w < kLanes; ++w) sum += part[w];
+    for (int64_t j = full; j < seen; ++j) {
+      row[j] = exp_vectorisable(row[j] - mx);
+      sum += row[j];
+    }
+    std::fill(row + seen, row + kc, scalar_t(0));
+    alpha[i] = seen == 0 ? scalar_t(1) : exp_vectorisable(m[i] - mx);
+    if (seen > 0) {
+      l[i] = l[i] * alpha[i] + sum;
+      m[i] = mx;
+    }
+  }
+}
+
+// acc = alpha acc + pv, row by row.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void rescale_add(scalar_t* acc, const scalar_t* pv, const scalar_t* alpha,
+                                                       int64_t n, int64_t D) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t d = 0; d < D; ++d) acc[i * D + d] = acc[i * D + d] * alpha[i] + pv[i * D + d];
+  }
+}
+
+template <typename scalar_t>
+CRAM_TARGET_AVX2 void softmax_chunk_avx2(scalar_t* sp, int64_t n, int64_t kc, int64_t c0, const int64_t* pos,
+                                         int64_t shift, scalar_t* m, scalar_t* l, scalar_t* alpha) {
+  softmax_chunk(sp, n, kc, c0, pos, shift, m, l, alpha);
+}
+
+template <typename scalar_t>
+CRAM_TARGET_AVX2 void rescale_add_avx2(scalar_t* acc, const scalar_t* pv, const scalar_t* alpha, int64_t n,
+                                       int64_t D) {
+  rescale_add(acc, pv, alpha, n, D);
+}
+
+// One query block over keys [0, nk): for each chunk of keys, S = q k^T (GEMM), then in one
+// pass per row the causal mask, the running max, exp and the row sum (online softmax: softmax_chunk), then
+// acc = alpha acc + P v (GEMM). `q_blk` is already multiplied by the softmax scale.
+template <typename scalar_t>
+void attend_block(const at::Tensor& q_blk, const at::Tensor& k_seen, const at::Tensor& v_seen, const int64_t* pos,
+                  int64_t shift, at::Tensor& s_buf, at::Tensor& pv_buf, scalar_t* acc, scalar_t* m, scalar_t* l) {
+  const int64_t n = q_blk.size(0), D = q_blk.size(1), nk = k_seen.size(0);
+  constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
+  std::fill(acc, acc + n * D, scalar_t(0));
+  std::fill(m, m + n, kNegInf);
+  std::fill(l, l + n, scalar_t(0));
+  std::vector<scalar_t> alpha(n);
+  for (int64_t c0 = 0; c0 < nk; c0 += kBlockK) {
+    const int64_t kc = std::min(kBlockK, nk - c0);
+    at::Tensor s = s_buf.narrow(0, 0, n * kc).view({n, kc});
+    at::mm_out(s, q_blk, k_seen.narrow(0, c0, kc).t());
+    scalar_t* sp = s.data_ptr<scalar_t>();
+    if (cpu_has_avx2()) {
+      softmax_chunk_avx2(sp, n, kc, c0, pos, shift, m, l, alpha.data());
+    } else {
+      softmax_chunk(sp, n, kc, c0, pos, shift, m, l, alpha.data());
+    }
+    at::Tensor pv = pv_buf.narrow(0, 0, n * D).view({n, D});
+    at::mm_out(pv, s, v_seen.narrow(0, c0, kc));
+    if (cpu_has_avx2()) {
+      rescale_add_avx2(acc, pv.data_ptr<scalar_t>(), alpha.data(), n, D);
+    } else {
+      rescale_add(acc, pv.data_ptr<scalar_t>(), alpha.data(), n, D);
+    }
+  }
+}
+
+}  // namespace
+
 void routed_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& index,
                               const at::Tensor& counts, double scale, at::Tensor& out, at::Tensor& lse) {
-  const int64_t T = q.size(1), H = q.size(2), S = k.size(1), group = H / k.size(2), shift = S - T;
+  const int64_t T = q.size(1), H = q.size(2), S = k.size(1), D = q.size(3), group = H / k.size(2), shift = S - T;
   const std::vector<QueryBlock> blocks = query_blocks(routed_positions(index, counts, T), H);
 
   // The ATen calls below must compute in the dtype they are given: a caller under
@@ -97,22 +209,30 @@ void routed_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at
   // threads; without it the ATen calls below would run with autograd on (recording
   // a graph, racing on out's autograd metadata), outside inference mode and autocast.
   const at::ThreadLocalState tls;
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
-    at::ThreadLocalStateGuard tls_guard(tls);
-    for (int64_t i = begin; i < end; ++i) {
-      const QueryBlock& blk = blocks[i];
-      const int64_t b = blk.batch, h = blk.head, nk = blk.t_max + shift + 1;
-      const at::Tensor q_blk = q[b].select(1, h).index_select(0, blk.pos);
-      const at::Tensor k_seen = k[b].select(1, h / group).narrow(0, 0, nk);
-      const at::Tensor v_seen = v[b].select(1, h / group).narrow(0, 0, nk);
-      // Softmax with one exp per score; normalising the (n, D) output rather than
-      // the (n, keys) probabilities saves a pass over the scores.
-      at::Tensor s = masked_scores(q_blk, k_seen, blk, shift, scale);
-      const at::Tensor row_max = at::amax(s, 1, /*keepdim=*/true);
-      const at::Tensor row_sum = s.sub_(row_max).exp_().sum(1, /*keepdim=*/true);
-      out[b].select(1, h).index_copy_(0, blk.pos, at::mm(s, v_seen).div_(row_sum));
-      lse[b][h].index_copy_(0, blk.pos, row_sum.log_().add_(row_max).squeeze(1));
-    }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "routed_attention_fwd_cpu", [&] {
+    at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+      at::ThreadLocalStateGuard tls_guard(tls);
+      at::Tensor s_buf = at::empty({kBlockQ * kBlockK}, q.options());
+      at::Tensor pv_buf = at::empty({kBlockQ * D}, q.options());
+      std::vector<scalar_t> acc(kBlockQ * D), m(kBlockQ), l(kBlockQ);
+      scalar_t* o = out.data_ptr<scalar_t>();
+      scalar_t* lse_p = lse.data_ptr<scalar_t>();
+      for (int64_t i = begin; i < end; ++i) {
+        const QueryBlock& blk = blocks[i];
+        const int64_t b = blk.batch, h = blk.head, nk = blk.t_max + shift + 1, n = blk.pos.numel();
+        const at::Tensor q_blk = q[b].select(1, h).index_select(0, blk.pos).mul_(scale);
+        const at::Tensor k_seen = k[b].select(1, h / group).narrow(0, 0, nk);
+        const at::Tensor v_seen = v[b].select(1, h / group).narrow(0, 0, nk);
+        const int64_t* pos = blk.pos.data_ptr<int64_t>();
+        attend_block<scalar_t>(q_blk, k_seen, v_seen, pos, shift, s_buf, pv_buf, acc.data(), m.data(), l.data());
+        // out and lse are contiguous, (B, T, H, D) and (B, H, T).
+        for (int64_t r = 0; r < n; ++r) {
+          scalar_t* dst = o + ((b * T + pos[r]) * H + h) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d] / l[r];
+          lse_p[(b * H + h) * T + pos[r]] = m[r] + std::log(l[r]);
+        }
+      }
+    });
   });
 }
 
