@@ -145,10 +145,12 @@ class TransformerLM(nn.Module):
 
     @staticmethod
     def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        # Linear layers keep PyTorch's default init; embeddings (and the tied head) are drawn
+        # from N(0, 1/d). GPT-2's N(0, 0.02) everywhere left MQAR recall at chance at small
+        # widths (2 x 64: 27% of 4 novel pairs after 1000 steps, against 100% with this init;
+        # changing either scale alone was not enough; docs/results.md).
+        if isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=m.embedding_dim**-0.5)
 
     def forward(self, tokens: Tensor, cache: ModelCache | None = None) -> Tensor | tuple[Tensor, ModelCache]:
         """Logits (B, T, vocab_size); with `cache` (from `allocate_cache`), (logits, cache) for the
