@@ -197,12 +197,14 @@ class Limits:
     attn_T: int
     attn_extra_S: int  # S - T at most
     attn_work: int  # B * H * T * S at most (the reference's score matrix)
+    decode_S: int  # the KV cache's length at most (routed_decode)
 
 
 LIMITS = {
-    "cpu": Limits(scan_T=300, scan_C=160, route_T=300, route_C=300, attn_T=150, attn_extra_S=150, attn_work=400_000),
+    "cpu": Limits(scan_T=300, scan_C=160, route_T=300, route_C=300, attn_T=150, attn_extra_S=150, attn_work=400_000,
+                  decode_S=600),
     "cuda": Limits(scan_T=2100, scan_C=600, route_T=2100, route_C=1100, attn_T=700, attn_extra_S=1300,
-                   attn_work=6_000_000),
+                   attn_work=6_000_000, decode_S=5000),
 }
 
 PARAM_DTYPES = tuple(DTYPE_NAMES)
@@ -289,6 +291,21 @@ class AttentionCase:
                 f"seed={self.seed})")
 
 
+@dataclass(frozen=True)
+class DecodeCase:
+    B: int
+    S: int
+    H: int
+    Hk: int
+    D: int
+    dtype: torch.dtype
+    lengths: str  # "full", "random" (some past S or negative: clamped), "short" (a few keys)
+    density: float  # share of rows routed
+    softmax_scale: float | None
+    layouts: dict = field(hash=False)  # q, k_cache, v_cache, seqlens, routed
+    seed: int
+
+
 def draw_scan_case(draw: Draw, device: str) -> ScanCase:
     lim = LIMITS[device]
     return ScanCase(
@@ -344,6 +361,21 @@ def draw_attention_case(draw: Draw, device: str, malformed_rate: int = 0) -> Att
         layouts={**{name: draw_layout(draw) for name in ("q", "k", "v")},
                  "index": draw_layout(draw, ("offset", "permuted")), "counts": draw_layout(draw, ("offset", "strided")),
                  "grad_out": draw_layout(draw, GRAD_LAYOUTS)},
+        seed=draw.int(0, 2**31 - 1),
+    )
+
+
+def draw_decode_case(draw: Draw, device: str) -> DecodeCase:
+    lim = LIMITS[device]
+    # S crosses the CUDA kernel's split lengths (256-1024 keys) and its keys per iteration.
+    return DecodeCase(
+        B=draw_size(draw, 9), S=draw.choice((0,) + (draw_size(draw, lim.decode_S),) * 7),
+        Hk=(Hk := draw_size(draw, 4)), H=Hk * draw.choice((1, 1, 2, 3, 4, 5, 8)),
+        D=draw.choice((64, 128)) if device == "cuda" else draw_size(draw, 72), dtype=draw.choice(ATTN_DTYPES[device]),
+        lengths=draw.choice(("full", "random", "random", "short")), density=draw.choice((0.0, 0.3, 0.7, 1.0, 1.0, 1.0)),
+        softmax_scale=draw.choice((None, None, 0.05, -0.3)),
+        layouts={**{name: draw_layout(draw) for name in ("q", "k_cache", "v_cache")},
+                 "seqlens": draw_layout(draw, ("offset", "strided")), "routed": draw_layout(draw, ("offset", "strided"))},
         seed=draw.int(0, 2**31 - 1),
     )
 
@@ -533,8 +565,49 @@ def check_attention(case: AttentionCase, device: str) -> None:
     assert (grads[0].cpu()[~routed] == 0).all(), "grad q is not 0 at a row that was not routed"
 
 
+def check_decode(case: DecodeCase, device: str) -> None:
+    """routed_decode against the reference; rows not routed (or with no keys) exactly 0 and
+    -inf, whatever the cache holds past each row's length (NaN here)."""
+    gen = torch.Generator().manual_seed(case.seed)
+    B, S, H, Hk, D, dt, lay = case.B, case.S, case.H, case.Hk, case.D, case.dtype, case.layouts
+    q, q_ref = make_input((B, H, D), lay["q"], dt, device, gen)
+    k_values = random_values((B, S, Hk, D), lay["k_cache"], gen, 0)
+    v_values = random_values((B, S, Hk, D), lay["v_cache"], gen, 0)
+    if case.lengths == "full":
+        n = torch.full((B,), S, dtype=torch.int32)
+    elif case.lengths == "short":
+        n = torch.randint(0, min(S, 3) + 1, (B,), generator=gen, dtype=torch.int32)
+    else:
+        n = torch.randint(-2, S + 4, (B,), generator=gen, dtype=torch.int32)
+    valid = torch.arange(S)[None, :] < n.clamp(0, S)[:, None].long()
+    k = laid_out(k_values, lay["k_cache"], dt, device, 0)
+    v = laid_out(v_values, lay["v_cache"], dt, device, 0)
+    # Poison what must not be read (not in a broadcast cache, whose rows are one row).
+    invalid = (~valid)[:, :, None, None].to(device)
+    for cache in (k, v):
+        if cache.stride(0) != 0 or B == 1:
+            cache.masked_fill_(invalid, float("nan"))
+    routed = torch.rand(B, generator=gen) < case.density
+    seqlens_t = laid_out(n.double(), lay["seqlens"], torch.int32, device, 0)
+    routed_t = laid_out(routed.double(), lay["routed"], torch.bool, device, 0)
+    out, lse = cram_ext.routed_decode(q.detach(), k, v, seqlens_t, routed_t, case.softmax_scale)
+    acc = reference_dtype(dt)
+    ref_out, ref_lse = reference.routed_decode(q_ref.to(acc), k.detach().cpu().to(acc), v.detach().cpu().to(acc), n,
+                                               routed, case.softmax_scale)
+    assert out.shape == (B, H, D) and out.dtype == dt and lse.shape == (B, H)
+    out, lse = out.cpu(), lse.cpu()
+    empty = ~(routed & (n > 0))
+    assert (out[empty] == 0).all(), "rows not routed (or with no keys) must be exactly 0"
+    assert (lse[empty] == float("-inf")).all(), "lse of rows not routed (or with no keys) must be -inf"
+    if (~empty).any():
+        tol = TOLERANCE[dt]
+        assert_close(out[~empty], ref_out[~empty].double(), tol, "out")
+        assert_close(lse[~empty], ref_lse[~empty].double(), max(tol, 1e-6), "lse")
+
+
 OPS = {
     "scan": (draw_scan_case, check_scan),
     "route": (draw_route_case, check_route),
     "attention": (draw_attention_case, check_attention),
+    "decode": (draw_decode_case, check_decode),
 }

@@ -1,4 +1,4 @@
-"""Property tests of gated_scan, route and routed_attention, forward and backward, against
+"""Property tests of gated_scan, route, routed_attention (forward and backward) and routed_decode against
 the reference over the input space of fuzz_space.py (sizes, dtypes, routings, memory
 layouts of every argument and incoming gradient), drawn by hypothesis.
 
