@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .nn.padding import as_bool_mask
+
 __all__ = ["GenerateOutput", "generate"]
 
 
@@ -30,7 +32,7 @@ class GenerateOutput:
         utilization: per RoutedAttention layer, the fraction of the generated tokens routed
             (over routed[l], counting each row up to and including its eos); empty for a
             dense model.
-        prompt_utilization: per RoutedAttention layer, the fraction of the prompt's tokens routed.
+        prompt_utilization: per RoutedAttention layer, the fraction of the prompt's (real) tokens routed.
     """
 
     tokens: Tensor
@@ -49,12 +51,13 @@ def generate(
     top_k: int | None = None,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    attention_mask: Tensor | None = None,
 ) -> GenerateOutput:
     """Continue each row of `input_ids` by up to `max_new_tokens` tokens.
 
     Args:
         model: a TransformerLM, or a CRAMModel with vocab_size.
-        input_ids: (B, T0) int64 prompts, T0 >= 1, all rows of the same length.
+        input_ids: (B, T0) int64 prompts, T0 >= 1; padded when `attention_mask` is given.
         max_new_tokens: how many tokens to generate per row, >= 1.
         temperature: 0 picks the most likely token (greedy); > 0 samples from
             softmax(logits / temperature).
@@ -62,6 +65,10 @@ def generate(
         eos_token_id: a row stops at this token (and holds it afterwards); generation stops
             when every row has produced it.
         generator: the random generator of the sampling (on the model's device).
+        attention_mask: (B, T0) bool or 0/1, True at the prompts' real tokens, for prompts of
+            different lengths (each row's real tokens one run: left padding, as Hugging Face
+            generates, or right padding). Each row continues from its own last real token, as
+            if alone; the generated tokens follow the whole padded row in `tokens`.
 
     Returns:
         A GenerateOutput: the tokens and the per-layer routing during generation.
@@ -84,14 +91,27 @@ def generate(
         raise ValueError(f"generate: top_k must be >= 1 or None, got {top_k}")
     B, T0 = input_ids.shape
     layers = model.routed_attention_layers()
+    rows = torch.arange(B, device=input_ids.device)
+    if attention_mask is None:
+        last, real = torch.full((B,), T0 - 1, device=input_ids.device), None
+    else:
+        real = as_bool_mask("generate", attention_mask)
+        if real.shape != input_ids.shape:
+            raise ValueError(f"generate: attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(real.shape)}")
+        # Each row's last real token, whose logits give its first new token.
+        last = torch.where(real, torch.arange(T0, device=real.device), -1).max(1).values.clamp_min(0)
     was_training = model.training
     model.eval()
     try:
         # The last generated token is never fed back: it needs no room in the cache.
         cache = model.allocate_cache(B, T0 + max_new_tokens - 1)
-        logits, cache = model(input_ids, cache=cache)
-        prompt_utilization = [float(layer.last_mask.float().mean()) for layer in layers]
-        decisions = [[layer.last_mask[:, -1]] for layer in layers]
+        prefill = {} if real is None else {"attention_mask": real}
+        logits, cache = model(input_ids, cache=cache, **prefill)
+        logits = logits[rows, last][:, None]
+        n_real = input_ids.numel() if real is None else real.sum()
+        prompt_utilization = [float(layer.last_mask.sum() / n_real) for layer in layers]
+        decisions = [[layer.last_mask[rows, last]] for layer in layers]
         new_tokens: list[Tensor] = []
         active: list[Tensor] = []  # (B,) per generated token: the row had not finished before it
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

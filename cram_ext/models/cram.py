@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..generation import GenerateOutput, generate
 from ..nn import BlockCache, MetaplasticMemory, ModelCache, RoutedAttention, WorkingMemory
+from ..nn.padding import as_bool_mask
 
 MEMORIES = ("scan", "metaplastic", None)  # CRAMConfig.memory
 
@@ -69,20 +70,24 @@ class CRAMBlock(nn.Module):
         self.attn = RoutedAttention(d, cfg.num_heads, cfg.num_kv_heads, **cfg.routed)
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
 
-    def forward(self, x: Tensor, dt: Tensor | None = None,
-                cache: BlockCache | None = None) -> Tensor | tuple[Tensor, BlockCache]:
+    def forward(self, x: Tensor, dt: Tensor | None = None, cache: BlockCache | None = None,
+                attention_mask: Tensor | None = None) -> Tensor | tuple[Tensor, BlockCache]:
         """(B, T, E) -> (B, T, E); with `cache` (from `allocate_cache`), (output, cache) for the
-        T tokens that follow the cached ones."""
+        T tokens that follow the cached ones; `attention_mask` (B, T), True at real tokens."""
+        if attention_mask is not None and isinstance(self.memory, MetaplasticMemory):
+            raise NotImplementedError("CRAMBlock: attention_mask (padded rows) is not supported with "
+                                      "memory='metaplastic' yet: its short convolution would read the pads")
+        masked = {} if attention_mask is None else {"attention_mask": attention_mask}
         if cache is None:
             if self.memory is not None:
-                x = x + self.memory(self.norm_memory(x), dt)
-            x = x + self.attn(self.norm_attn(x))
+                x = x + self.memory(self.norm_memory(x), dt, **masked)
+            x = x + self.attn(self.norm_attn(x), attention_mask=attention_mask)
             return x + self.mlp(self.norm_mlp(x))
         # Before the working memory advances: an overflow leaves the cache as it was.
         cache.attn.check_room(x.shape[1])
         if self.memory is not None:
-            x = x + self.memory(self.norm_memory(x), dt, cache=cache.memory)[0]
-        x = x + self.attn(self.norm_attn(x), cache=cache.attn)[0]
+            x = x + self.memory(self.norm_memory(x), dt, cache=cache.memory, **masked)[0]
+        x = x + self.attn(self.norm_attn(x), cache=cache.attn, attention_mask=attention_mask)[0]
         return x + self.mlp(self.norm_mlp(x)), cache
 
     def allocate_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
@@ -119,19 +124,21 @@ class CRAMModel(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, out_dim)
 
-    def forward(self, inputs: Tensor, dt: Tensor | None = None,
-                cache: ModelCache | None = None) -> Tensor | tuple[Tensor, ModelCache]:
+    def forward(self, inputs: Tensor, dt: Tensor | None = None, cache: ModelCache | None = None,
+                attention_mask: Tensor | None = None) -> Tensor | tuple[Tensor, ModelCache]:
         """Outputs (B, T, vocab_size or output_dim); with `cache`, (outputs, cache) for the T
-        inputs that follow the cached ones (dt: their time gaps)."""
+        inputs that follow the cached ones (dt: their time gaps). `attention_mask` (B, T), True/1
+        at real tokens: rows of different lengths, as TransformerLM takes them."""
+        mask = None if attention_mask is None else as_bool_mask("CRAMModel", attention_mask)
         if cache is None:
             x = self.embed(inputs)
             for block in self.blocks:
-                x = block(x, dt)
+                x = block(x, dt, attention_mask=mask)
             return self.head(self.norm(x))
         cache.check(inputs.shape[0], inputs.shape[1])
         x = self.embed(inputs)
         for block, block_cache in zip(self.blocks, cache.layers, strict=True):
-            x = block(x, dt, block_cache)[0]
+            x = block(x, dt, block_cache, attention_mask=mask)[0]
         cache.position += inputs.shape[1]
         return self.head(self.norm(x)), cache
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..generation import GenerateOutput, generate
 from ..nn import BlockCache, KVCache, ModelCache, RoutedAttention, apply_rotary
 from ..nn.cache import compute_dtype
+from ..nn.padding import Padding, as_bool_mask
 
 ATTENTION = ("routed", "sdpa")
 POSITIONS = ("learned", "rope")
@@ -48,7 +49,7 @@ class CausalSelfAttention(nn.Module):
     (no biases, grouped-query heads, optional rotary positions), through
     F.scaled_dot_product_attention. With `cache` (a KVCache from `allocate_cache`), the T new
     tokens attend over every cached token and their own past (bottom-right causal), and
-    (output, cache) is returned, as RoutedAttention does."""
+    (output, cache) is returned; `attention_mask` marks real tokens: both as RoutedAttention."""
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None,
                  rope_base: float | None = None) -> None:
@@ -62,27 +63,39 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, self.num_kv_heads * self.head_dim, bias=False)
         self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=False)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor | tuple[Tensor, KVCache]:
+    def forward(self, x: Tensor, cache: KVCache | None = None,
+                attention_mask: Tensor | None = None) -> Tensor | tuple[Tensor, KVCache]:
         B, T, _ = x.shape
-        offset = 0 if cache is None else cache.position
+        pad = None
+        if attention_mask is not None:
+            pad = Padding.from_mask("CausalSelfAttention", attention_mask, B, T, x.device)
+            x = pad.shift(x)
+        step = cache is not None and T == 1 and pad is None
+        offset = cache.lengths if step else (0 if cache is None else cache.position)
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.rope_base is not None:
             q, k = apply_rotary(q, self.rope_base, offset), apply_rotary(k, self.rope_base, offset)
         gqa = self.num_kv_heads != self.num_heads
-        if cache is None:
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-            v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            return self.out_proj(y.transpose(1, 2).flatten(2))
-        k, v = cache.update(k, self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim))
-        S = k.shape[1]
-        # SDPA's is_causal aligns the mask top-left (query i sees keys <= i) when S > T; the new
-        # tokens come after the cached ones, so query i sees keys <= i + S - T (bottom-right).
-        mask = torch.arange(S, device=x.device) <= torch.arange(S - T, S, device=x.device)[:, None]
+        mask = None
+        if step:
+            # Every row over its own keys, in the whole buffer: shapes fixed for CUDA graphs.
+            cache.append(k, v)
+            k, v = cache.k, cache.v
+            mask = (torch.arange(cache.max_len, device=x.device) < cache.lengths[:, None])[:, None, None]
+        elif cache is not None:
+            k, v = cache.update(k, v, None if pad is None else pad.lengths.to(torch.int32))
+            S = k.shape[1]
+            # SDPA's is_causal aligns the mask top-left (query i sees keys <= i) when S > T; the new
+            # tokens come after the cached ones, so query i sees keys <= i + S - T (bottom-right).
+            mask = torch.arange(S, device=x.device) <= torch.arange(S - T, S, device=x.device)[:, None]
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                           enable_gqa=gqa)
-        return self.out_proj(y.transpose(1, 2).flatten(2)), cache
+                                           is_causal=mask is None, enable_gqa=gqa)
+        out = self.out_proj(y.transpose(1, 2).flatten(2))
+        if pad is not None:
+            out = pad.unshift(out)
+        return out if cache is None else (out, cache)
 
     def allocate_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> KVCache:
@@ -108,12 +121,14 @@ class TransformerBlock(nn.Module):
             self.attn = CausalSelfAttention(d, cfg.num_heads, cfg.num_kv_heads, rope_base=rope_base)
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
 
-    def forward(self, x: Tensor, cache: BlockCache | None = None) -> Tensor | tuple[Tensor, BlockCache]:
-        """(B, T, E) -> (B, T, E); with `cache`, (output, cache) after the T new tokens."""
+    def forward(self, x: Tensor, cache: BlockCache | None = None,
+                attention_mask: Tensor | None = None) -> Tensor | tuple[Tensor, BlockCache]:
+        """(B, T, E) -> (B, T, E); with `cache`, (output, cache) after the T new tokens;
+        `attention_mask` (B, T), True at real tokens."""
         if cache is None:
-            x = x + self.attn(self.norm_attn(x))
+            x = x + self.attn(self.norm_attn(x), attention_mask=attention_mask)
             return x + self.mlp(self.norm_mlp(x))
-        x = x + self.attn(self.norm_attn(x), cache=cache.attn)[0]
+        x = x + self.attn(self.norm_attn(x), cache=cache.attn, attention_mask=attention_mask)[0]
         return x + self.mlp(self.norm_mlp(x)), cache
 
     def allocate_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
@@ -130,6 +145,12 @@ class TransformerLM(nn.Module):
     Decoding: `cache = model.allocate_cache(B)`, then `logits, cache = model(tokens, cache=cache)`
     for the prompt and for each next token (or chunk); the logits equal the full forward's at
     those positions. `model.generate(prompt, max_new_tokens, ...)` samples (cram_ext.generate).
+
+    Rows of different lengths: `attention_mask` (B, T), True (or 1) at real tokens, each row's
+    real tokens one run (left padding, or right): every row's logits are those of the row
+    alone, positions counting from its first real token; the logits at pads are not meaningful.
+    With a cache the mask goes with the prompt, and the rows then advance one token per call,
+    each from its own length (a step can be captured in a CUDA graph: nothing in it syncs).
     """
 
     def __init__(self, cfg: TransformerConfig) -> None:
@@ -152,28 +173,40 @@ class TransformerLM(nn.Module):
         if isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=m.embedding_dim**-0.5)
 
-    def forward(self, tokens: Tensor, cache: ModelCache | None = None) -> Tensor | tuple[Tensor, ModelCache]:
+    def forward(self, tokens: Tensor, cache: ModelCache | None = None,
+                attention_mask: Tensor | None = None) -> Tensor | tuple[Tensor, ModelCache]:
         """Logits (B, T, vocab_size); with `cache` (from `allocate_cache`), (logits, cache) for the
-        T tokens that follow the cached ones."""
-        T = tokens.shape[1]
+        T tokens that follow the cached ones. `attention_mask` (B, T): True/1 at real tokens."""
+        B, T = tokens.shape
+        mask = None if attention_mask is None else as_bool_mask("TransformerLM", attention_mask)
         if cache is None:
             if T > self.cfg.max_len:
                 raise ValueError(f"TransformerLM: sequence of {T} tokens, more than max_len={self.cfg.max_len}")
-            x = self.embed(tokens)
-            if self.pos is not None:
-                x = x + self.pos(torch.arange(T, device=tokens.device))
-            for block in self.blocks:
-                x = block(x)
-            return self.head(self.norm(x))
-        cache.check(tokens.shape[0], T)
-        start = cache.position
+        else:
+            cache.check(B, T)
         x = self.embed(tokens)
         if self.pos is not None:
-            x = x + self.pos(torch.arange(start, start + T, device=tokens.device))
+            # Read before the blocks run: the first one advances the cache's lengths in place.
+            x = x + self.pos(self._positions(T, tokens.device, cache, mask))
+        if cache is None:
+            for block in self.blocks:
+                x = block(x, attention_mask=mask)
+            return self.head(self.norm(x))
         for block, block_cache in zip(self.blocks, cache.layers, strict=True):
-            x = block(x, block_cache)[0]
-        cache.position = start + T
+            x = block(x, block_cache, attention_mask=mask)[0]
+        cache.position += T
         return self.head(self.norm(x)), cache
+
+    @staticmethod
+    def _positions(T: int, device: torch.device, cache: ModelCache | None, mask: Tensor | None) -> Tensor:
+        """The learned positions of the T tokens: (T,), or (B, T) when rows differ."""
+        if mask is not None:  # from each row's first real token (pads get 0)
+            return (mask.long().cumsum(1) - 1).clamp_min(0)
+        if cache is None:
+            return torch.arange(T, device=device)
+        if T == 1:  # each row's own length, on the device (rows may differ; CUDA graphs)
+            return cache.lengths.long()[:, None]
+        return torch.arange(cache.position, cache.position + T, device=device)
 
     def allocate_cache(self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> ModelCache:

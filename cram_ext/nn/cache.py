@@ -74,17 +74,33 @@ class KVCache:
     Every token writes its key and value, routed or not (a later routed token attends to all of
     them). A RoutedAttention with `memory=True` keeps its working memory's scan state in `memory`.
 
+    Rows may hold different numbers of tokens: a prompt with a padding mask leaves row b
+    with lengths[b] tokens at [0, lengths[b]) (the layers shift each row's real tokens to its
+    start, nn/padding.py), and each later one-token step writes row b's token at lengths[b]. A
+    one-token step reads and writes through `lengths` only, on the device, so it can be captured
+    in a CUDA graph and replayed (the host-side `position` does not advance on replay).
+
     Attributes:
-        k, v: (B, max_len, Hk, D) buffers; positions [0, position) hold the past tokens'
-            keys and values (positions applied), the rest zeros or stale values never read.
+        k, v: (B, max_len, Hk, D) buffers; row b's positions [0, lengths[b]) hold its past
+            tokens' keys and values (positions applied), the rest zeros or stale values never read.
         memory: the layer's own working-memory state, or None.
-        position: tokens written; the next token's position.
+        position: columns of the buffers written so far (every row's length is at most this);
+            the next token's position when the rows are of one length.
+        lengths: (B,) int32 on the buffers' device, the tokens of each row.
+        ragged: True once a padded prompt made the rows' lengths differ; such a cache then
+            takes one token per row and call.
     """
 
     k: Tensor
     v: Tensor
     memory: ScanCache | None = None
     position: int = 0
+    lengths: Tensor | None = None
+    ragged: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lengths is None:
+            self.lengths = torch.full((self.k.shape[0],), self.position, dtype=torch.int32, device=self.k.device)
 
     @classmethod
     def zeros(cls, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
@@ -112,16 +128,52 @@ class KVCache:
         """Back to no tokens, in place. The old keys and values stay in the buffers: past the
         position they are never read."""
         self.position = 0
+        self.lengths.zero_()
+        self.ragged = False
         if self.memory is not None:
             self.memory.reset()
 
-    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, k: Tensor, v: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Write the new tokens' k and v (B, T, Hk, D) at positions [position, position + T),
         advance the position by T and return views of the keys and values of every token so
         far, (B, position + T, Hk, D): what attention of the T new queries reads (bottom-right
-        aligned: new query i sees keys j <= i + position)."""
-        B, T = k.shape[0], k.shape[1]
-        if k.shape != v.shape or k.dim() != 4 or B != self.batch_size or k.shape[2:] != self.k.shape[2:]:
+        aligned: new query i sees keys j <= i + position). `lengths` (B,): the real tokens of
+        each row of a padded prompt (shifted to the rows' starts), on an empty cache only."""
+        self._check_tokens(k, v)
+        T = k.shape[1]
+        if lengths is not None and self.position != 0:
+            raise ValueError("KVCache: lengths (a padded prompt) can only start an empty cache")
+        if self.ragged:
+            raise NotImplementedError("KVCache: the rows hold different numbers of tokens (a padded prompt): "
+                                      "continue them one token per call")
+        self.check_room(T)
+        end = self.position + T
+        self.k[:, self.position:end] = k
+        self.v[:, self.position:end] = v
+        self.position = end
+        if lengths is None:
+            self.lengths.add_(T)
+        else:
+            self.lengths.copy_(lengths)
+            self.ragged = True
+        return self.k[:, :end], self.v[:, :end]
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        """Write one new token per row, k and v (B, 1, Hk, D), at each row's length, and advance
+        the lengths by one. No host sync: a step that calls it can be captured in a CUDA graph."""
+        self._check_tokens(k, v)
+        if k.shape[1] != 1:
+            raise ValueError(f"KVCache.append: one token per row, got {k.shape[1]}")
+        self.check_room(1)
+        rows = torch.arange(self.batch_size, device=self.k.device)
+        at = self.lengths.long()
+        self.k.index_put_((rows, at), k[:, 0])
+        self.v.index_put_((rows, at), v[:, 0])
+        self.lengths.add_(1)
+        self.position += 1
+
+    def _check_tokens(self, k: Tensor, v: Tensor) -> None:
+        if k.shape != v.shape or k.dim() != 4 or k.shape[0] != self.batch_size or k.shape[2:] != self.k.shape[2:]:
             raise ValueError(f"KVCache: expected k and v of shape (B={self.batch_size}, T, Hk={self.k.shape[2]}, "
                              f"D={self.k.shape[3]}), got {tuple(k.shape)} and {tuple(v.shape)}")
         if k.dtype != self.k.dtype or v.dtype != self.v.dtype:
@@ -129,12 +181,6 @@ class KVCache:
             # dtype the layer computes in (allocate_cache under the same autocast, or dtype=).
             raise TypeError(f"KVCache: the cache holds {self.k.dtype}, the layer's keys are {k.dtype}: "
                             f"allocate the cache with dtype={k.dtype} (or under the same autocast)")
-        self.check_room(T)
-        end = self.position + T
-        self.k[:, self.position:end] = k
-        self.v[:, self.position:end] = v
-        self.position = end
-        return self.k[:, :end], self.v[:, :end]
 
 
 @dataclass
@@ -167,6 +213,12 @@ class ModelCache:
     @property
     def batch_size(self) -> int | None:
         return self.layers[0].attn.batch_size if self.layers else None
+
+    @property
+    def lengths(self) -> Tensor | None:
+        """(B,) int32, the tokens of each row (the first layer's KVCache.lengths, advanced in place
+        by each call)."""
+        return self.layers[0].attn.lengths if self.layers else None
 
     def reset(self) -> None:
         """Back to no tokens, in place: the next call is a new sequence in the same buffers."""

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from ..ops import route, routed_attention, routed_decode
 from ..route_types import Route
 from .cache import KVCache, ScanCache, compute_dtype
+from .padding import Padding
 from .rotary import apply_rotary
 from .working_memory import WorkingMemory
 
@@ -99,7 +100,17 @@ class RoutedAttention(nn.Module):
     routed ones over all cached keys (bottom-right causal: new token i sees keys <= i + the
     cache's position) and returns (output, cache). Prefill then steps give the full
     forward's outputs and routing (eval mode only; routing="topk" looks at whole rows, so it
-    cannot decode).
+    cannot decode). A one-token step reads the cache's per-row lengths on the device (no host
+    sync), so a decoding step of a whole model can be captured in a CUDA graph.
+
+    Rows of different lengths: `forward(x, attention_mask=mask)`, mask (B, T) bool (or 0/1
+    integers) True at real tokens, as Hugging Face's attention_mask (nn.MultiheadAttention's
+    key_padding_mask marks the pads instead), each row's real tokens one contiguous run (left
+    padding, as generation uses, or right padding). Each row is computed as if it held its real tokens alone: no token
+    attends to a pad, rotary positions count from the row's first real token, and pads take
+    no part in the statistics or the training losses (their outputs are zeros). With a cache,
+    the mask belongs to the first call (the prompt); the rows then continue one token per call,
+    each from its own length.
     """
 
     def __init__(
@@ -169,27 +180,51 @@ class RoutedAttention(nn.Module):
         # weight > 0 at its probes only (dense tensors: no host sync to select them).
         self._probe_labels: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor | tuple[Tensor, KVCache]:
+    def forward(self, x: Tensor, cache: KVCache | None = None,
+                attention_mask: Tensor | None = None) -> Tensor | tuple[Tensor, KVCache]:
         """(B, T, E) -> (B, T, E); with `cache`, (output, cache) after writing the T new
-        tokens into it (see the class docstring)."""
+        tokens into it; `attention_mask` (B, T) bool, True at real tokens (see the class
+        docstring)."""
         if not hasattr(self, "q_proj"):
             raise RuntimeError("RoutedAttention(projections=False) has no forward: call mix(x, q, k, v)")
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"RoutedAttention: expected x of shape (B, T, E={self.embed_dim}), got "
                              f"{tuple(x.shape)}" + (" (add a batch dimension: x.unsqueeze(0))" if x.dim() == 2 else ""))
         B, T, _ = x.shape
+        pad = None
+        if attention_mask is not None:
+            pad = Padding.from_mask("RoutedAttention", attention_mask, B, T, x.device)
+            x = pad.shift(x)
+        # A one-token step goes through the cache's per-row lengths (rows may differ).
+        step = cache is not None and T == 1 and pad is None
         if cache is not None:
             self._check_decoding(cache)
-        offset = 0 if cache is None else cache.position
+        offset = cache.lengths if step else (0 if cache is None else cache.position)
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.rope_base is not None:
             q, k = apply_rotary(q, self.rope_base, offset), apply_rotary(k, self.rope_base, offset)
-        if cache is None:
-            return self.out_proj(self.mix(x, q, k, v))
-        k, v = cache.update(k, v)
-        return self.out_proj(self.mix(x, q, k, v, memory_cache=cache.memory)), cache
+        seqlens = None
+        if step:
+            cache.append(k, v)
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+                # Differentiable: causal attention over the keys so far (routed_decode has no backward).
+                if cache.ragged:
+                    raise NotImplementedError("RoutedAttention: a decoding step over rows of different lengths "
+                                              "has no backward: run it under torch.no_grad()")
+                k, v = cache.k[:, :cache.position], cache.v[:, :cache.position]
+            else:
+                k, v, seqlens = cache.k, cache.v, cache.lengths
+        elif cache is not None:
+            k, v = cache.update(k, v, None if pad is None else pad.lengths.to(torch.int32))
+        out = self.out_proj(self.mix(x, q, k, v, memory_cache=None if cache is None else cache.memory,
+                                     valid=None if pad is None else pad.valid, seqlens=seqlens))
+        if pad is not None:
+            out, self.last_mask = pad.unshift(out), pad.unshift(self.last_mask)
+            if self.last_probe is not None:
+                self.last_probe = pad.unshift(self.last_probe)
+        return out if cache is None else (out, cache)
 
     def allocate_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> KVCache:
@@ -216,52 +251,68 @@ class RoutedAttention(nn.Module):
                              "the layer's allocate_cache")
 
     def mix(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None,
-            memory_cache: ScanCache | None = None) -> Tensor:
+            memory_cache: ScanCache | None = None, *, valid: Tensor | None = None,
+            seqlens: Tensor | None = None) -> Tensor:
         """The layer between its projections, for models that own them (cram_ext.hf): x (B, T, E)
         the layer's input, which the router and the semantic memory read; q (B, T, H, D), k and
         v (B, S, Hk, D), positions applied (S > T: the first S - T keys are past tokens', as from
         a KV cache). Returns (B, T, H * D): attention where routed, the semantic memory's
         prediction elsewhere. Sets last_stats, last_mask, last_probe and aux_loss, and counts
         the training step. `memory_cache`: with memory=True, the working memory's state before
-        x's first token, advanced in place (without it the scan starts from zeros)."""
+        x's first token, advanced in place (without it the scan starts from zeros).
+        `valid` (B, T) bool: x's real tokens, each row's first (padded rows, shifted): only they
+        count in the statistics and the losses. `seqlens` (B,) int32, with T = 1: row b's query
+        attends over k[b, :seqlens[b]] only (a cache whose rows differ in length)."""
         if self.training and _in_backward():
             # Activation checkpointing runs the forward again inside the backward: the same
             # computation (with the warm-up count the first run saw), nothing counted or kept.
             steps = self.trained_steps
             self.trained_steps -= 1
             try:
-                return self._mix(x, q, k, v, softmax_scale)[0]
+                return self._mix(x, q, k, v, softmax_scale, None, valid)[0]
             finally:
                 self.trained_steps = steps
-        mixed, mask, probe, aux_loss = self._mix(x, q, k, v, softmax_scale, memory_cache)
-        self.last_stats = self._stats(mask, offset=k.shape[1] - q.shape[1])
+        mixed, mask, probe, aux_loss = self._mix(x, q, k, v, softmax_scale, memory_cache, valid, seqlens)
+        if seqlens is not None:  # 1-based positions of the queries
+            positions = seqlens[:, None]
+        else:
+            offset = k.shape[1] - q.shape[1]
+            positions = torch.arange(offset + 1, offset + q.shape[1] + 1, device=mask.device)[None]
+        self.last_stats = self._stats(mask, positions, valid)
         self.last_mask, self.last_probe, self.aux_loss = mask, probe, aux_loss
         if self.training:
             self.trained_steps += 1
         return mixed
 
     def _mix(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None,
-             memory_cache: ScanCache | None = None):
-        """(mixed output, mask of the tokens attended, probe mask or None, aux loss or None)."""
+             memory_cache: ScanCache | None = None, valid: Tensor | None = None, seqlens: Tensor | None = None):
+        """(mixed output, mask of the real tokens attended, probe mask or None, aux loss or None)."""
         B, T, _ = x.shape
         # No affine: the router's and the MLP's first linear maps absorb one.
         z = F.layer_norm(x.detach(), (x.shape[-1],))
         if self.memory is not None:
-            z = z + (self.memory(z) if memory_cache is None else self.memory(z, cache=memory_cache)[0])
+            if memory_cache is None:
+                z = z + self.memory(z, attention_mask=valid)
+            else:
+                z = z + self.memory(z, cache=memory_cache, attention_mask=valid)[0]
         probe = None
         learning = self.training and self.routing == "learned" and not self.warming
         if learning and self.target == "loss" and self.probe > 0:
             probe = torch.rand(B, T, device=x.device) < self.probe
-        r = self._route(z, probe)
-        attn = self._attend(q, k, v, r, softmax_scale)
+            if valid is not None:
+                probe = probe & valid
+        r = self._route(z, probe, valid)
+        attn = self._attend(q, k, v, r, softmax_scale, seqlens)
         semantic = self.semantic(z)
         # Probes: attention computed, the semantic memory's output used (see target="loss").
         use_attn = r.mask if probe is None else r.mask & ~probe
         mixed = torch.where(use_attn.unsqueeze(-1), attn, semantic.to(attn.dtype))
         if probe is not None and mixed.requires_grad:
-            self._measure_on_backward(mixed, attn, semantic, z, probe)
-        aux_loss = self._consolidation_losses(semantic, attn, r.prob, r.mask, z) if self.training else None
-        return mixed, r.mask, probe, aux_loss
+            self._measure_on_backward(mixed, attn, semantic, z, probe, probe.numel() if valid is None else valid.sum())
+        # Pads may be routed (they cost attention, never change a real token's): they count nowhere.
+        attended = r.mask if valid is None else r.mask & valid
+        aux_loss = self._consolidation_losses(semantic, attn, r.prob, attended, z) if self.training else None
+        return mixed, attended, probe, aux_loss
 
     @property
     def warming(self) -> bool:
@@ -287,12 +338,13 @@ class RoutedAttention(nn.Module):
             z[weight > 0] = labels["z_probes"]
             self._probe_labels = (z, labels["needed"], weight)
 
-    def _measure_on_backward(self, mixed: Tensor, attn: Tensor, semantic: Tensor, z: Tensor, probe: Tensor) -> None:
+    def _measure_on_backward(self, mixed: Tensor, attn: Tensor, semantic: Tensor, z: Tensor, probe: Tensor,
+                             n_tokens: int | Tensor) -> None:
         """When the task loss's gradient g reaches `mixed`, label every probe token: restoring
         attention there changes the loss by about <g, attn - semantic>; the token needs
-        attention when that lowers the per-token loss by more than loss_tol."""
+        attention when that lowers the per-token loss by more than loss_tol. `n_tokens`: the
+        real tokens the task loss averages over."""
         attn, semantic, z = attn.detach(), semantic.detach(), z.detach()
-        n_tokens = probe.numel()
 
         def hook(grad: Tensor) -> None:
             with torch.no_grad():
@@ -305,7 +357,7 @@ class RoutedAttention(nn.Module):
 
         mixed.register_hook(hook)
 
-    def _route(self, z: Tensor, probe: Tensor | None = None) -> Route:
+    def _route(self, z: Tensor, probe: Tensor | None = None, valid: Tensor | None = None) -> Route:
         B, T, _ = z.shape
         threshold, force = self.threshold, None
         if self.routing == "learned":
@@ -326,18 +378,22 @@ class RoutedAttention(nn.Module):
             if k > 0:
                 with torch.no_grad():
                     score = z.float() @ self.router_weight.float()
+                    if valid is not None:
+                        score = score.masked_fill(~valid, float("-inf"))
                 force.scatter_(1, score.topk(k, dim=1).indices, True)
         return route(z, self.router_weight, self.router_bias, threshold, force)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, r: Route, softmax_scale: float | None = None) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, r: Route, softmax_scale: float | None = None,
+                seqlens: Tensor | None = None) -> Tensor:
         """routed_attention on (q, k, v), (B, T, H*D) back in q's dtype. The CUDA kernels
         take float16/bfloat16 and head dims 64 and 128: on CUDA a float32 layer attends in
         bfloat16 (as flash-attention users do), and a smaller head dim is zero-padded to
         the next supported one (zeros add nothing to q.k or to the output; the softmax
         scale, default D ** -0.5, is the unpadded D's)."""
         D, out_dtype = q.shape[-1], q.dtype
-        if q.shape[1] == 1 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
-            return self._decode(q, k, v, r, softmax_scale)
+        if seqlens is not None or (q.shape[1] == 1 and not (torch.is_grad_enabled()
+                                                             and (q.requires_grad or k.requires_grad))):
+            return self._decode(q, k, v, r, softmax_scale, seqlens)
         if q.is_cuda:
             if q.dtype == torch.float32:
                 q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
@@ -348,15 +404,17 @@ class RoutedAttention(nn.Module):
         attn, _ = routed_attention(q, k, v, r.index, r.counts, scale)
         return attn[..., :D].flatten(2).to(out_dtype)
 
-    def _decode(self, q: Tensor, k: Tensor, v: Tensor, r: Route, softmax_scale: float | None) -> Tensor:
-        """One new token per row over every cached key (k, v: (B, S, Hk, D), the cache so far):
-        routed_decode, which skips the rows not routed and reads the cache in its own dtype
-        (float32 included, so a float32 cache is not cast every step)."""
+    def _decode(self, q: Tensor, k: Tensor, v: Tensor, r: Route, softmax_scale: float | None,
+                seqlens: Tensor | None = None) -> Tensor:
+        """One new token per row over its cached keys (k, v: (B, S, Hk, D); row b's first
+        seqlens[b], default all S): routed_decode, which skips the rows not routed and reads the
+        cache in its own dtype (float32 included, so a float32 cache is not cast every step)."""
         B, _, H, D = q.shape
         if q.is_cuda and D not in (64, 128):
             padded = 64 if D <= 64 else 128
             q, k, v = (torch.nn.functional.pad(t, (0, padded - D)) for t in (q, k, v))
-        seqlens = torch.full((B,), k.shape[1], dtype=torch.int32, device=q.device)
+        if seqlens is None:
+            seqlens = torch.full((B,), k.shape[1], dtype=torch.int32, device=q.device)
         scale = D**-0.5 if softmax_scale is None else softmax_scale
         out, _ = routed_decode(q[:, 0], k, v, seqlens, r.mask[:, 0], scale)
         return out[..., :D].reshape(B, 1, H * D)
@@ -388,13 +446,14 @@ class RoutedAttention(nn.Module):
         return (_bce(prob, needed.float()) * weight).sum() / weight.sum().clamp_min(1.0)
 
     @staticmethod
-    def _stats(mask: Tensor, offset: int = 0) -> dict[str, Tensor]:
-        # Token i of the call is at position offset + i (offset > 0 when decoding from a cache).
-        t = torch.arange(offset + 1, offset + mask.shape[1] + 1, device=mask.device, dtype=torch.float32)
+    def _stats(mask: Tensor, positions: Tensor, valid: Tensor | None = None) -> dict[str, Tensor]:
+        # positions: the tokens' 1-based positions, (B or 1, T): the keys a routed token reads.
         m = mask.float()
+        t = positions.to(torch.float32).expand(m.shape)
+        w = torch.ones_like(m) if valid is None else valid.float()
         return {
-            "utilization": m.mean(),
-            "attn_flop_fraction": (m * t).sum() / (t.sum() * mask.shape[0]),
+            "utilization": (m * w).sum() / w.sum().clamp_min(1.0),
+            "attn_flop_fraction": (m * t * w).sum() / (t * w).sum().clamp_min(1.0),
         }
 
 

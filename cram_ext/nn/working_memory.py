@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ..ops import gated_scan
 from ..reference import accumulate_dtype
 from .cache import ScanCache, compute_dtype, initial_state
+from .padding import as_bool_mask
 
 
 class WorkingMemory(nn.Module):
@@ -26,6 +27,10 @@ class WorkingMemory(nn.Module):
     forward(x, dt=None, cache=cache) continues from a `ScanCache` (`allocate_cache`): the scan
     starts from `cache.state`, writes its final state back there (in place) and returns
     (output, cache). Feeding a sequence in pieces gives what one forward over it gives.
+
+    attention_mask (B, T) bool (or 0/1), True at real tokens: the state passes pads unchanged (no
+    input, no decay), so a left-padded row starts from h0 at its first real token and a
+    right-padded row ends with the state of its last one (the state a cache keeps).
     """
 
     def __init__(self, embed_dim: int, state_dim: int | None = None) -> None:
@@ -37,12 +42,20 @@ class WorkingMemory(nn.Module):
         self.last_state: Tensor | None = None
 
     def forward(self, x: Tensor, dt: Tensor | None = None, h0: Tensor | None = None,
-                cache: ScanCache | None = None) -> Tensor | tuple[Tensor, ScanCache]:
+                cache: ScanCache | None = None,
+                attention_mask: Tensor | None = None) -> Tensor | tuple[Tensor, ScanCache]:
         h0 = initial_state("WorkingMemory", x, h0, cache)
         u = self.inp(x)
         log_a = -F.softplus(self.gate(x))
         if dt is not None:
             log_a = log_a * dt.unsqueeze(-1)
+        if attention_mask is not None:
+            real = as_bool_mask("WorkingMemory", attention_mask)
+            if real.shape != x.shape[:2]:
+                raise ValueError(f"WorkingMemory: attention_mask must have shape (B, T) = {tuple(x.shape[:2])}, got "
+                                 f"{tuple(real.shape)}")
+            real = real.unsqueeze(-1)
+            u, log_a = u * real, log_a * real
         h, self.last_state = gated_scan(u, log_a.to(u.dtype), h0)
         if cache is None:
             return self.out(h)
