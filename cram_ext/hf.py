@@ -17,12 +17,15 @@ block) to the router and the semantic MLP, which read it layer-normalised and de
 exactly as RoutedAttention does; a forward hook drops it again if the forward raised before the
 attention function took it.
 
-Masks: causal only, with or without a KV cache (bottom-right aligned, as after a
-DynamicCache; with memory=True or routing="topk" without one: use_cache=False, since the
-cache holds no scan state and top-k is not causal). An attention mask with padding (any
-zero), a 4D mask, packed sequences, a sliding window shorter than the keys, a static cache or
-any other mask that hides more than the future raise NotImplementedError. Attention dropout
-is not applied (a warning says so when it is asked for).
+Masks: causal, with or without a KV cache (bottom-right aligned, as after a DynamicCache;
+with memory=True or routing="topk" without one: use_cache=False, since the cache holds no scan
+state and top-k is not causal), and padding: a 2D attention_mask whose real tokens form one run
+per row (left padding, as `generate` pads a batch, or right padding) on a forward without a
+cache, on the prompt, and on the one-token steps after it; each row is computed as if alone
+(RoutedAttention's attention_mask). A 4D mask, packed sequences, a sliding window shorter than
+the keys, a static cache, a chunk of several tokens after a padded prompt, or any other mask
+that hides more than the future and the pads raise NotImplementedError. Attention dropout is
+not applied (a warning says so when it is asked for).
 
 Checkpoints: `save_pretrained` saves each `cram` submodule (its extra state serialised into a
 uint8 tensor, as safetensors needs); `from_pretrained` drops those keys as unexpected, so a
@@ -48,6 +51,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
         "cram_ext.hf needs Hugging Face transformers (>= 4.57): pip install transformers"
     ) from e
 
+from .nn.padding import Padding
 from .nn.routed_attention import RoutedAttention
 
 __all__ = ["ATTN_IMPLEMENTATION", "HFRouting", "enable_routed_attention", "register", "routed_attention_forward",
@@ -96,11 +100,15 @@ class HFRouting(RoutedAttention):
         raise RuntimeError("HFRouting is called through the attention function 'cram_routed' "
                            "(cram_ext.hf.enable_routed_attention), not directly")
 
-    def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None) -> Tensor:
+    def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None,
+               padding: Tensor | None = None) -> Tensor:
         """RoutedAttention.mix, with a warning when a training forward cannot train the router.
         Raises NotImplementedError when the keys include cached ones (k longer than q) and the
         routing cannot continue from a cache: memory=True (the transformers cache holds no scan
-        state, so the scan would restart from zeros at every step) or routing="topk" (not causal)."""
+        state, so the scan would restart from zeros at every step) or routing="topk" (not causal).
+        `padding` (B, S) bool, True at the real keys (the model's 2D attention_mask): the rows
+        are rotated so that their real tokens come first, as RoutedAttention does with its
+        attention_mask; a one-token step then attends over each row's real keys only."""
         if k.shape[1] != q.shape[1] and (self.memory is not None or self.routing == "topk"):
             what = "memory=True" if self.memory is not None else "routing='topk'"
             raise NotImplementedError(
@@ -111,7 +119,21 @@ class HFRouting(RoutedAttention):
             warnings.warn("a training forward without gradients (torch.no_grad, or reentrant activation "
                           "checkpointing: use gradient_checkpointing_kwargs={'use_reentrant': False}): "
                           "its aux losses cannot train the router and the semantic memory", stacklevel=3)
-        return self.mix(x, q, k, v, softmax_scale)
+        if padding is None:
+            return self.mix(x, q, k, v, softmax_scale)
+        B, T, S = q.shape[0], q.shape[1], k.shape[1]
+        keys = Padding.from_mask(ATTN_IMPLEMENTATION, padding, B, S, k.device)
+        k, v = keys.shift(k), keys.shift(v)
+        if T == S:  # no cache: the queries are the keys' tokens
+            mixed = self.mix(keys.shift(x), keys.shift(q), k, v, softmax_scale, valid=keys.valid)
+            self.last_mask = keys.unshift(self.last_mask)
+            if self.last_probe is not None:
+                self.last_probe = keys.unshift(self.last_probe)
+            return keys.unshift(mixed)
+        if T > 1 or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+            raise NotImplementedError(f"{ATTN_IMPLEMENTATION!r}: after a padded prompt, decode one token per call "
+                                      "under torch.no_grad() (rows of different lengths)")
+        return self.mix(x, q, k, v, softmax_scale, seqlens=keys.lengths.to(torch.int32))
 
 
 def routed_attention_forward(
@@ -137,10 +159,11 @@ def routed_attention_forward(
         raise RuntimeError(f"{type(module).__name__}: the hidden states of this call were not captured "
                            f"(got {None if x is None else tuple(x.shape)} for a query of {T} tokens); the "
                            "attention module must be called with the hidden states as its first argument")
-    if attention_mask is not None:
+    if attention_mask is not None and not (attention_mask.dim() == 2 and attention_mask.dtype == torch.bool
+                                           and attention_mask.shape == (B, key.shape[2])):
         raise NotImplementedError(
-            f"attn_implementation={ATTN_IMPLEMENTATION!r} takes no attention mask (got a "
-            f"{attention_mask.dim()}D mask): it computes causal attention only")
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} takes causal attention with a 2D padding mask only "
+            f"(got a {attention_mask.dim()}D {attention_mask.dtype} mask of shape {tuple(attention_mask.shape)})")
     if kwargs.get("is_causal") is False and T > 1:  # one query against its past is causal anyway
         raise NotImplementedError(f"attn_implementation={ATTN_IMPLEMENTATION!r} is causal only (is_causal=False given)")
     for name in ("softcap", "s_aux", "position_bias"):  # logit soft-capping, attention sinks, relative bias
@@ -150,21 +173,26 @@ def routed_attention_forward(
     if dropout and module.training:
         warnings.warn(f"attn_implementation={ATTN_IMPLEMENTATION!r} does not apply attention dropout "
                       f"(dropout={dropout} ignored)", stacklevel=2)
-    mixed = routing.attend(x, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scaling)
+    mixed = routing.attend(x, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scaling,
+                           attention_mask)
     return mixed.view(B, T, H, D), None
 
 
 def _causal_mask(batch_size: int, *args, mask_function=None, attention_mask: Tensor | None = None,
-                 kv_length: int | None = None, **kwargs) -> None:
-    """The mask function "cram_routed": checks that the mask the model asks for is plain causal
-    attention over every cached and new token, and returns None (no mask). Raises
-    NotImplementedError for padding, for a mask function that masks more than causality (a
-    sliding window shorter than the keys, packed sequences, a custom mask), and for caches whose
-    keys are not exactly the past and the new tokens (a static cache)."""
+                 kv_length: int | None = None, **kwargs) -> Tensor | None:
+    """The mask function "cram_routed": checks that the mask the model asks for is causal
+    attention over every cached and new token, and returns None (no mask), or with padding
+    the (B, kv_length) bool mask of the real keys, which the attention function passes to
+    HFRouting.attend. Raises NotImplementedError for a mask function that masks more than
+    causality (a sliding window shorter than the keys, packed sequences, a custom mask), and
+    for caches whose keys are not exactly the past and the new tokens (a static cache)."""
     what = f"attn_implementation={ATTN_IMPLEMENTATION!r}"
+    padding = None
     if attention_mask is not None and not bool(attention_mask.all()):
-        raise NotImplementedError(f"{what} does not support padding yet: the attention mask has zeros. "
-                                  "Pass sequences of equal length without padding (attention_mask=None or all ones)")
+        if attention_mask.dim() != 2 or attention_mask.shape[-1] != kv_length:
+            raise NotImplementedError(f"{what}: a padding mask must be 2D with one entry per key ({kv_length}), "
+                                      f"got shape {tuple(attention_mask.shape)}")
+        padding = attention_mask.bool()
     if "q_length" in kwargs:  # transformers >= 5: queries at q_offset ..., keys at kv_offset ...
         q_length, q_offset, kv_offset = kwargs["q_length"], kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0)
     else:  # transformers 4.x: the queries' positions in cache_position
@@ -178,7 +206,7 @@ def _causal_mask(batch_size: int, *args, mask_function=None, attention_mask: Ten
             mask_function, batch_size, kv_length - q_length, q_length, kv_length, kwargs.get("device", "cpu")):
         raise NotImplementedError(f"{what} computes causal attention only: this model's mask also masks other keys "
                                   "(a sliding window shorter than the sequence, packed sequences, or a custom mask)")
-    return None
+    return padding
 
 
 def _masks_like_causal(mask_function, batch_size: int, q_offset: int, q_length: int, kv_length: int,

@@ -114,19 +114,70 @@ def test_training_step_gives_every_parameter_a_gradient_and_aux_losses_move_no_a
     assert all(m.trained_steps == 1 for m in _routings(model))
 
 
-def test_padding_raises_not_implemented():
+def _route_about_half(model):
+    for m in _routings(model):
+        torch.nn.init.normal_(m.router_weight)
+        torch.nn.init.constant_(m.router_bias, 0.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_rows_equal_each_row_alone(name, side):
+    """A padded batch (pads hold random tokens) gives each row's real tokens the logits and the
+    routing of the row alone; pads count in no statistic."""
+    torch.manual_seed(0)
+    _, model = _pair(name, warmup=0)
+    model = _route_about_half(model)
+    lengths = [T, 5, 11]
+    ids = torch.randint(1, V, (3, T))
+    t = torch.arange(T)
+    mask = (t >= T - torch.tensor(lengths)[:, None]) if side == "left" else (t < torch.tensor(lengths)[:, None])
+    position_ids = (mask.long().cumsum(1) - 1).clamp_min(0)  # GPT-2's positions are absolute
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask.long(), position_ids=position_ids).logits
+        masks = [m.last_mask.clone() for m in _routings(model)]
+        for m, r in zip(masks, _routings(model)):
+            assert float(r.last_stats["utilization"]) == pytest.approx(float(m[mask].float().mean()))
+        for b in range(3):
+            alone = model(ids[b:b + 1, mask[b]]).logits[0]
+            torch.testing.assert_close(logits[b, mask[b]], alone, rtol=1e-4, atol=1e-4)
+            for m, r in zip(masks, _routings(model)):
+                assert torch.equal(m[b, mask[b]], r.last_mask[0]) and not m[b, ~mask[b]].any()
+    decided = torch.cat([m[mask] for m in masks])
+    assert decided.any() and not decided.all(), "the routers should route some tokens and drop others"
+
+
+def test_generate_from_left_padded_prompts_equals_each_row_alone():
+    """transformers' generate with a KV cache: a left-padded batch continues each row as the row
+    alone does (the padded prompt, then one-token steps over each row's real keys)."""
+    torch.manual_seed(0)
+    _, model = _pair("llama", warmup=0)
+    model = _route_about_half(model)
+    lengths = [9, 4, 6]
+    ids = torch.randint(1, V, (3, 9))
+    mask = (torch.arange(9) >= 9 - torch.tensor(lengths)[:, None]).long()
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, **gen)
+        for b, n in enumerate(lengths):
+            alone = model.generate(ids[b:b + 1, 9 - n:], attention_mask=torch.ones(1, n, dtype=torch.long), **gen)
+            assert torch.equal(out[b, 9:], alone[0, n:]), f"row {b}"
+        with pytest.raises(NotImplementedError, match="one token per call"):
+            past = model(ids, attention_mask=mask, use_cache=True).past_key_values
+            model(ids[:, :2], attention_mask=torch.cat([mask, torch.ones(3, 2, dtype=torch.long)], 1),
+                  past_key_values=past, use_cache=True)
+
+
+def test_masks_other_than_padding_raise_not_implemented():
     _, model = _pair("llama")
     ids = torch.randint(0, V, (2, T))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # left padding
-    with pytest.raises(NotImplementedError, match="padding"):
-        model(ids, attention_mask=mask)
-    mask = torch.ones_like(ids)
-    mask[1, -2:] = 0  # right padding
-    with pytest.raises(NotImplementedError, match="padding"):
-        model(ids, attention_mask=mask)
     with pytest.raises(NotImplementedError, match="mask"):  # a prepared 4D mask
         model(ids, attention_mask=torch.ones(2, 1, T, T, dtype=torch.bool))
+    mask = torch.ones_like(ids)
+    mask[0, 5] = 0  # a hole: not padding
+    with pytest.raises(ValueError, match="contiguous"):
+        model(ids, attention_mask=mask)
 
 
 @pytest.mark.parametrize("device", DEVICES)
