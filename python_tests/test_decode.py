@@ -164,6 +164,22 @@ def test_routed_attention_decode_on_device(device):
                  TOL if device == "cpu" else 2e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels' head dims")
+@pytest.mark.parametrize("head_dim", [16, 96])
+def test_cuda_cache_holds_keys_at_the_kernels_head_dim(head_dim):
+    """On CUDA a head dim the kernels do not take is kept zero-padded in the cache (to 64 or 128),
+    so that a step reads the cache in place; decoding still gives the full forward's outputs."""
+    e = 4 * head_dim
+    layer = RoutedAttention(e, 4, 2, rope_base=10000.0).cuda().eval()
+    x = torch.randn(2, 9, e, device="cuda")
+    full = _full(layer, x)
+    cache = layer.allocate_cache(2, 12)
+    assert cache.k.shape[-1] == (64 if head_dim < 64 else 128)
+    _assert_same(_decode(layer, cache, _pieces(9, 3), lambda s, c: layer(x[:, s], cache=c)), full, 2e-2)
+    assert not cache.k[..., head_dim:].any() and not cache.v[..., head_dim:].any()
+    assert cache.k[:, :9, :, :head_dim].abs().amax() > 0
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_working_memory_decode_equals_full_forward(device):
     memory = WorkingMemory(E, state_dim=24).to(device)

@@ -205,6 +205,8 @@ class RoutedAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.rope_base is not None:
             q, k = apply_rotary(q, self.rope_base, offset), apply_rotary(k, self.rope_base, offset)
+        if cache is not None and cache.k.shape[-1] != self.head_dim:  # a cache kept at the kernels' head dim
+            k, v = (F.pad(t, (0, cache.k.shape[-1] - self.head_dim)) for t in (k, v))
         seqlens = None
         if step:
             cache.append(k, v)
@@ -230,13 +232,15 @@ class RoutedAttention(nn.Module):
                        device: torch.device | str | None = None) -> KVCache:
         """An empty KVCache for `batch_size` rows of up to `max_len` tokens (with the state of
         the layer's working memory when memory=True). `dtype` is the dtype the layer computes
-        its keys in: default its parameters', or the autocast dtype where autocast is on now."""
+        its keys in: default its parameters', or the autocast dtype where autocast is on now.
+        On CUDA a head dim the kernels do not take (64 and 128) is stored zero-padded to the next
+        one, so that a decoding step reads the cache as it is instead of padding a copy of it."""
         weight = self.router_weight
         dtype = compute_dtype(weight) if dtype is None else dtype
-        device = weight.device if device is None else device
+        device = torch.device(weight.device if device is None else device)
         memory = None if self.memory is None else self.memory.allocate_cache(batch_size, dtype=dtype, device=device)
-        return KVCache.zeros(batch_size, max_len, self.num_kv_heads, self.head_dim, dtype=dtype, device=device,
-                             memory=memory)
+        return KVCache.zeros(batch_size, max_len, self.num_kv_heads, _kernel_head_dim(self.head_dim, device),
+                             dtype=dtype, device=device, memory=memory)
 
     def _check_decoding(self, cache: KVCache) -> None:
         if self.training:
@@ -397,9 +401,7 @@ class RoutedAttention(nn.Module):
         if q.is_cuda:
             if q.dtype == torch.float32:
                 q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-            padded = 64 if D <= 64 else 128
-            if D < padded:
-                q, k, v = (torch.nn.functional.pad(t, (0, padded - D)) for t in (q, k, v))
+            q, k, v = _pad_head_dim((q, k, v), _kernel_head_dim(D, q.device))
         scale = D**-0.5 if softmax_scale is None else softmax_scale
         attn, _ = routed_attention(q, k, v, r.index, r.counts, scale)
         return attn[..., :D].flatten(2).to(out_dtype)
@@ -410,9 +412,7 @@ class RoutedAttention(nn.Module):
         seqlens[b], default all S): routed_decode, which skips the rows not routed and reads the
         cache in its own dtype (float32 included, so a float32 cache is not cast every step)."""
         B, _, H, D = q.shape
-        if q.is_cuda and D not in (64, 128):
-            padded = 64 if D <= 64 else 128
-            q, k, v = (torch.nn.functional.pad(t, (0, padded - D)) for t in (q, k, v))
+        q, k, v = _pad_head_dim((q, k, v), max(_kernel_head_dim(D, q.device), k.shape[-1]))
         if seqlens is None:
             seqlens = torch.full((B,), k.shape[1], dtype=torch.int32, device=q.device)
         scale = D**-0.5 if softmax_scale is None else softmax_scale
@@ -455,6 +455,20 @@ class RoutedAttention(nn.Module):
             "utilization": (m * w).sum() / w.sum().clamp_min(1.0),
             "attn_flop_fraction": (m * t * w).sum() / (t * w).sum().clamp_min(1.0),
         }
+
+
+def _kernel_head_dim(D: int, device: torch.device) -> int:
+    """The head dim the kernels of `device` compute D at: on CUDA 64 or 128 (D zero-padded up;
+    larger D as it is, for the op to refuse), D itself on the CPU."""
+    if device.type != "cuda" or D in (64, 128) or D > 128:
+        return D
+    return 64 if D < 64 else 128
+
+
+def _pad_head_dim(tensors: tuple[Tensor, ...], D: int) -> tuple[Tensor, ...]:
+    """Each tensor zero-padded along its last dim to D (zeros add nothing to q.k or to the output);
+    those already D wide as they are."""
+    return tuple(F.pad(t, (0, D - t.shape[-1])) if t.shape[-1] < D else t for t in tensors)
 
 
 def _in_backward() -> bool:
