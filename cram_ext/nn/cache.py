@@ -83,6 +83,8 @@ class KVCache:
     Attributes:
         k, v: (B, max_len, Hk, D) buffers; row b's positions [0, lengths[b]) hold its past
             tokens' keys and values (positions applied), the rest zeros or stale values never read.
+            D is the layer's head dim (a RoutedAttention's on CUDA: the kernels' 64 or 128, the
+            keys zero-padded).
         memory: the layer's own working-memory state, or None.
         position: columns of the buffers written so far (every row's length is at most this);
             the next token's position when the rows are of one length.
