@@ -121,6 +121,25 @@ def decode_table(records: list[dict]) -> str | None:
     return table(header, rows)
 
 
+def layer_table(records: list[dict]) -> str | None:
+    """A RoutedAttention layer's training step at each density beside the dense attention layer
+    and the layer without attention, at the same shape and pass."""
+    cram = [r for r in records if r["bench"] == "routed_layer" and r["impl"] == "cram"]
+    if not cram:
+        return None
+    others = {(r["impl"], json.dumps(r["shape"]), r["pass"]): r for r in records
+              if r["bench"] == "routed_layer" and r["impl"] != "cram"}
+    rows = []
+    for r in cram:
+        dense, none = (others.get((impl, json.dumps(r["shape"]), r["pass"])) for impl in ("sdpa", "none"))
+        rows.append([shape_str(r["shape"]), r["pass"], f"{r['density']:.3g}", f"{r['ms']:.3f}",
+                     f"{dense['ms']:.3f}" if dense else "–", f"{dense['ms'] / r['ms']:.2f}" if dense else "–",
+                     f"{none['ms']:.3f}" if none else "–"])
+    header = ["shape (B×T×E×H)", "pass", "ρ", "routed layer ms", "dense layer ms", "dense / routed",
+              "no-attention layer ms"]
+    return table(header, rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="a device name as recorded (default: all)")
@@ -142,6 +161,7 @@ def render(device: str | None = None) -> str:
                     for spec in map(registry.get, ("scan", "router"))]
         sections.append(("routed_attention (time relative to dense; < 1 is faster)", attention_table(records)))
         sections.append(("routed_decode (one decoding step, CUDA-graph replay on GPUs)", decode_table(records)))
+        sections.append(("RoutedAttention layer, a training step (bench.layer)", layer_table(records)))
         out += [f"**{title}**\n\n{body}\n" for title, body in sections if body]
     return "\n".join(out)
 
