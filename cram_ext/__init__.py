@@ -9,7 +9,7 @@ import torch
 from . import models, nn, reference
 from ._version import __version__
 from .checkpoint import load_run
-from .generation import GenerateOutput, generate
+from .generation import GenerateOutput, RolloutOutput, generate, rollout
 from .models import CRAMBlock, CRAMConfig, CRAMModel, TransformerConfig, TransformerLM
 from .nn import (BlockCache, KVCache, MetaplasticCache, MetaplasticMemory, ModelCache, RoutedAttention, ScanCache,
                  WorkingMemory, aux_losses)
@@ -37,6 +37,8 @@ __all__ = [
     "check_route",
     "gated_scan",
     "generate",
+    "rollout",
+    "RolloutOutput",
     "load_run",
     "models",
     "nn",

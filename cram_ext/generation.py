@@ -1,6 +1,7 @@
 """Autoregressive generation for the language models (TransformerLM, token CRAMModel): one prefill
-of the prompt into a pre-allocated cache, then one token per step.
-`python -m cram_ext.sample RUN_DIR` does it from the command line.
+of the prompt into a pre-allocated cache, then one token per step
+(`python -m cram_ext.sample RUN_DIR` does it from the command line); and `rollout`, the same for
+models of continuous inputs, each prediction fed back as the next input.
 
 The model is duck-typed: `model.allocate_cache(batch_size, max_len)`, `model(tokens, cache=cache)
 -> (logits, cache)` and `model.routed_attention_layers()`, with `model.cfg.vocab_size` set.
@@ -9,13 +10,14 @@ The model is duck-typed: `model.allocate_cache(batch_size, max_len)`, `model(tok
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .nn.padding import as_bool_mask
 
-__all__ = ["GenerateOutput", "generate"]
+__all__ = ["GenerateOutput", "RolloutOutput", "generate", "rollout"]
 
 
 @dataclass
@@ -149,3 +151,104 @@ def _next_token(logits: Tensor, temperature: float, top_k: int | None, generator
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
+
+
+@dataclass
+class RolloutOutput:
+    """What `rollout` returns.
+
+    Attributes:
+        predictions: (B, steps, output_dim): prediction 0 is the model's output at the context's
+            last input, prediction i its output at the i-th input fed back.
+        inputs: (B, steps - 1, input_dim), the inputs fed back (next_input of predictions 0 ..
+            steps - 2).
+        routed: (L, B, steps) bool, per RoutedAttention layer: whether the position whose output
+            is prediction i attended.
+        utilization: per RoutedAttention layer, the fraction of those positions routed.
+    """
+
+    predictions: Tensor
+    inputs: Tensor
+    routed: Tensor
+    utilization: list[float]
+
+
+@torch.no_grad()
+def rollout(
+    model: nn.Module,
+    inputs: Tensor,
+    steps: int,
+    *,
+    dt: Tensor | None = None,
+    next_input: Callable[[Tensor, int], Tensor] | None = None,
+    next_dt: Tensor | float | None = None,
+) -> RolloutOutput:
+    """Continue a model of continuous inputs (a CRAMModel with input_dim) by feeding back what it
+    predicts, `steps` predictions long: one prefill of the context into a cache, then one input a
+    step, as `generate` does for tokens.
+
+    Args:
+        model: a CRAMModel with input_dim (duck-typed: allocate_cache, model(x, dt, cache=cache),
+            routed_attention_layers()).
+        inputs: (B, T0, input_dim) the context, T0 >= 1.
+        steps: predictions to make, >= 1.
+        dt: (B, T0) the context's time gaps (None: the model's default, no gaps).
+        next_input: (prediction (B, output_dim), i) -> the next input (B, input_dim). Default:
+            the prediction itself (output_dim == input_dim). For SRCD, whose outputs are the next
+            observation and the value logits:
+            `lambda y, i: cram_ext.data.srcd_observation_input(y[:, :obs_dim], num_keys, num_values)`.
+        next_dt: the time gap before each fed-back input: a float, (B,) or (B, steps - 1). Default:
+            the context's last gap (None without dt).
+
+    Returns:
+        A RolloutOutput. Runs in eval mode under torch.no_grad(), restoring the training mode; a
+        rollout equals full forwards over the context and the inputs fed back so far.
+    """
+    if getattr(getattr(model, "cfg", None), "input_dim", None) is None:
+        raise ValueError(f"rollout: {type(model).__name__} has no input_dim: rollout is for models of continuous "
+                         "inputs (generate continues token models)")
+    if inputs.dim() != 3 or inputs.shape[1] < 1 or inputs.shape[2] != model.cfg.input_dim:
+        raise ValueError(f"rollout: inputs must be (B, T0 >= 1, input_dim={model.cfg.input_dim}), got "
+                         f"{tuple(inputs.shape)}")
+    if steps < 1:
+        raise ValueError(f"rollout: steps must be >= 1, got {steps}")
+    if next_input is None:
+        if model.cfg.output_dim != model.cfg.input_dim:
+            raise ValueError(f"rollout: the model predicts {model.cfg.output_dim} channels and reads "
+                             f"{model.cfg.input_dim}: pass next_input to make the next input of a prediction")
+        next_input = _prediction_itself
+    B, T0 = inputs.shape[:2]
+    gaps = _gaps(dt, next_dt, B, steps - 1, inputs)
+    layers = model.routed_attention_layers()
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.allocate_cache(B, T0 + steps - 1)
+        out, cache = model(inputs, dt, cache=cache)
+        predictions, fed = [out[:, -1]], []
+        decisions = [[layer.last_mask[:, -1]] for layer in layers]
+        for i in range(steps - 1):
+            x = next_input(predictions[-1], i).to(inputs.dtype)
+            fed.append(x)
+            out, cache = model(x[:, None], None if gaps is None else gaps[:, i:i + 1], cache=cache)
+            predictions.append(out[:, 0])
+            for layer, rows in zip(layers, decisions):
+                rows.append(layer.last_mask[:, 0])
+    finally:
+        model.train(was_training)
+    routed = (torch.stack([torch.stack(rows, dim=1) for rows in decisions]) if layers
+              else torch.zeros(0, B, steps, dtype=torch.bool, device=inputs.device))
+    fed_inputs = torch.stack(fed, dim=1) if fed else inputs.new_zeros(B, 0, inputs.shape[2])
+    return RolloutOutput(torch.stack(predictions, dim=1), fed_inputs, routed, [float(r.float().mean()) for r in routed])
+
+
+def _prediction_itself(prediction: Tensor, i: int) -> Tensor:
+    return prediction
+
+
+def _gaps(dt: Tensor | None, next_dt: Tensor | float | None, B: int, n: int, like: Tensor) -> Tensor | None:
+    """(B, n) time gaps of the fed-back inputs, or None when the model gets none."""
+    if next_dt is None:
+        return None if dt is None else dt[:, -1:].expand(B, n)
+    gaps = torch.as_tensor(next_dt, dtype=like.dtype, device=like.device)
+    return (gaps.view(-1, 1) if gaps.dim() == 1 else gaps).expand(B, n)

@@ -501,3 +501,59 @@ def test_float64_model_decodes_under_autocast():
 def test_rope_odd_head_dim_error_names_the_head_dim():
     with pytest.raises(ValueError, match="even head dim, got 15"):
         RoutedAttention(64, 4, head_dim=15, rope_base=10000.0)
+
+
+# ---------------------------------------------------------------------- rollout
+
+
+def _naive_rollout(model, context, dt, steps, next_input, gap):
+    """Full forwards over the context and the inputs fed back so far."""
+    x, t, preds, decisions = context, dt, [], []
+    with torch.no_grad():
+        for i in range(steps):
+            out = model(x, t)
+            preds.append(out[:, -1])
+            decisions.append(torch.stack([layer.last_mask[:, -1] for layer in _routed_layers(model)]))
+            x = torch.cat([x, next_input(out[:, -1], i)[:, None]], dim=1)
+            t = None if t is None else torch.cat([t, torch.full_like(t[:, :1], gap)], dim=1)
+    return torch.stack(preds, dim=1), torch.stack(decisions, dim=-1)
+
+
+@pytest.mark.parametrize("with_dt", [False, True], ids=["no-dt", "dt"])
+def test_rollout_equals_full_forwards(with_dt):
+    context, dt = torch.randn(3, 6, 5), (torch.rand(3, 6) + 0.1 if with_dt else None)
+    model = _cram(context, dt, input_dim=5, output_dim=5, routed=dict(warmup=0, memory=True))
+    model.train()
+    out = cram_ext.rollout(model, context, 9, dt=dt, next_dt=0.3 if with_dt else None)
+    assert model.training, "rollout restores the training mode"
+    ref, decisions = _naive_rollout(model.eval(), context, dt, 9, lambda y, i: y, 0.3)
+    assert_close_rel(out.predictions, ref, TOL)
+    assert torch.equal(out.routed, decisions)
+    assert out.routed.any() and not out.routed.all(), "the router should route some steps and drop others"
+    assert torch.equal(out.inputs, out.predictions[:, :-1])
+    assert out.utilization == pytest.approx([float(d.float().mean()) for d in decisions])
+
+
+def test_srcd_rollout_feeds_back_predicted_observations():
+    """An SRCD model predicts [next observation | value logits]: the rollout feeds the predicted
+    observation back as an observe step."""
+    from cram_ext.data import srcd, srcd_input_dim, srcd_observation_input
+
+    batch = srcd(2, seq_len=16, num_keys=8, num_values=4, num_stores=2, num_queries=1, num_recurring_pairs=2)
+    obs_dim = batch.obs_dim
+    model = _cram(batch.inputs, batch.dt, input_dim=srcd_input_dim(obs_dim, 8, 4), output_dim=obs_dim + 4)
+
+    def next_input(y, i):
+        return srcd_observation_input(y[:, :obs_dim], 8, 4, next_dt=0.1)
+
+    out = model.rollout(batch.inputs, 5, dt=batch.dt, next_input=next_input, next_dt=0.1)
+    ref, decisions = _naive_rollout(model, batch.inputs, batch.dt, 5, next_input, 0.1)
+    assert_close_rel(out.predictions, ref, TOL)
+    assert torch.equal(out.routed, decisions)
+    x = out.inputs[0, 0]
+    assert torch.equal(x[:obs_dim], out.predictions[0, 0, :obs_dim]) and x[obs_dim] == 1 and x[obs_dim + 1:-1].sum() == 0
+    assert x[-1] == pytest.approx(math.log(0.1))
+    with pytest.raises(ValueError, match="next_input"):
+        model.rollout(batch.inputs, 2, dt=batch.dt)
+    with pytest.raises(ValueError, match="input_dim"):
+        cram_ext.rollout(_transformer(), torch.zeros(1, 2, 5), 2)

@@ -2,7 +2,7 @@
 
 from .common import IGNORE
 from .mqar import MQARBatch, mqar, recurring_table
-from .srcd import SRCDBatch, srcd, srcd_input_dim, srcd_recurring_table
+from .srcd import SRCDBatch, srcd, srcd_input_dim, srcd_observation_input, srcd_recurring_table
 
 __all__ = [
     "IGNORE",
@@ -12,5 +12,6 @@ __all__ = [
     "SRCDBatch",
     "srcd",
     "srcd_input_dim",
+    "srcd_observation_input",
     "srcd_recurring_table",
 ]

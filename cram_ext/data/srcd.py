@@ -55,6 +55,21 @@ def srcd_input_dim(obs_dim: int, num_keys: int, num_values: int) -> int:
     return obs_dim + NUM_EVENTS + num_keys + num_values + 1
 
 
+def srcd_observation_input(observation: Tensor, num_keys: int, num_values: int,
+                           next_dt: Tensor | float | None = None) -> Tensor:
+    """The input of an SRCD observe step that carries `observation` (..., obs_dim): [observation |
+    observe one-hot | no key | no value | log of the gap to the next step (0 when next_dt is None,
+    as at a sequence's last step)]. What a rollout feeds back of a model's predicted observation
+    (`cram_ext.rollout(model, ..., next_input=...)`)."""
+    lead, D = observation.shape[:-1], observation.shape[-1]
+    x = observation.new_zeros(*lead, srcd_input_dim(D, num_keys, num_values))
+    x[..., :D] = observation
+    x[..., D + OBSERVE] = 1.0
+    if next_dt is not None:
+        x[..., -1] = torch.as_tensor(next_dt, dtype=x.dtype, device=x.device).log()
+    return x
+
+
 def srcd_recurring_table(num_keys: int, num_values: int, num_pairs: int, seed: int) -> tuple[Tensor, Tensor]:
     """The data set's fixed key -> value pairs: num_pairs distinct keys in [0, num_keys),
     values in [0, num_values), both int64 of shape (num_pairs,). A pair's rank is its

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..generation import GenerateOutput, generate
+from ..generation import GenerateOutput, RolloutOutput, generate, rollout
 from ..nn import BlockCache, MetaplasticMemory, ModelCache, RoutedAttention, WorkingMemory
 from ..nn.padding import as_bool_mask
 
@@ -153,6 +153,11 @@ class CRAMModel(nn.Module):
         """`cram_ext.generate(self, input_ids, max_new_tokens, **kwargs)`; token models only
         (cfg.vocab_size set)."""
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def rollout(self, inputs: Tensor, steps: int, **kwargs: Any) -> RolloutOutput:
+        """`cram_ext.rollout(self, inputs, steps, **kwargs)`; continuous-input models only
+        (cfg.input_dim set)."""
+        return rollout(self, inputs, steps, **kwargs)
 
     def routed_attention_layers(self) -> list[RoutedAttention]:
         return [block.attn for block in self.blocks]
