@@ -14,6 +14,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
 from conftest import assert_close_rel
 from test_decode import E, H, TOL, _cram, _route_about_half, _routed_layers, _transformer
 
@@ -107,6 +109,48 @@ def test_pads_take_no_part_in_training(target):
         assert grads_a.keys() == grads_b.keys() and "router_weight" in grads_a
         for n in grads_a:
             torch.testing.assert_close(grads_b[n], grads_a[n], msg=n)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_padding_gives_every_row_what_it_gets_alone(data):
+    """Any batch size, length, head layout and run of real tokens per row (left, right, both, none):
+    a padded prompt then two steps give each row the outputs and routing of the row alone."""
+    B = data.draw(st.integers(1, 4), "B")
+    T = data.draw(st.integers(1, 11), "T")
+    H = data.draw(st.sampled_from([1, 2, 4]), "H")
+    Hk = data.draw(st.sampled_from([h for h in (1, 2, 4) if H % h == 0]), "Hk")
+    D = data.draw(st.sampled_from([2, 6, 8]), "D")
+    memory, rope = data.draw(st.booleans(), "memory"), data.draw(st.booleans(), "rope")
+    runs = [sorted(data.draw(st.lists(st.integers(0, T), min_size=2, max_size=2), f"row {b}")) for b in range(B)]
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, (lo, hi) in enumerate(runs):
+        mask[b, lo:hi] = True
+    note(f"mask {mask.int().tolist()}")
+    torch.manual_seed(data.draw(st.integers(0, 2**16), "seed"))
+    layer = RoutedAttention(H * D, H, Hk, warmup=0, memory=memory, rope_base=10000.0 if rope else None,
+                            router_bias_init=0.0).eval()
+    torch.nn.init.normal_(layer.router_weight)
+    x, steps = torch.randn(B, T, H * D), torch.randn(B, 2, H * D)
+    cache = layer.allocate_cache(B, T + 2)
+    with torch.no_grad():
+        out, _ = layer(x, cache=cache, attention_mask=mask)
+        prompt_mask = layer.last_mask.clone()
+        step_out, step_mask = [], []
+        for i in range(2):
+            step_out.append(layer(steps[:, i:i + 1], cache=cache)[0])
+            step_mask.append(layer.last_mask[:, 0].clone())
+        for b in range(B):
+            real = mask[b].nonzero().flatten()
+            alone = layer(torch.cat([x[b:b + 1, real], steps[b:b + 1]], 1))
+            n = len(real)
+            torch.testing.assert_close(out[b, real], alone[0, :n], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(torch.cat([s[b] for s in step_out]), alone[0, n:], rtol=1e-4, atol=1e-5)
+            assert torch.equal(prompt_mask[b, real], layer.last_mask[0, :n])
+            assert torch.equal(torch.stack([m[b] for m in step_mask]), layer.last_mask[0, n:])
+            assert not out[b, ~mask[b]].any() and not prompt_mask[b, ~mask[b]].any()
+    assert cache.lengths.tolist() == [int(m.sum()) + 2 for m in mask]
 
 
 # ------------------------------------------------------------ padded prompt, then steps
