@@ -102,6 +102,10 @@ def _extension():
         )
     archs = _cuda_archs()
     cutlass_dirs, cutlass_version = _cutlass_include()
+    if not cutlass_dirs:  # the CUDA kernels include CuTe: say so here, not as a missing header mid-build
+        raise RuntimeError("the CUDA build needs the CUTLASS/CuTe headers: pip install nvidia-cutlass (on a machine "
+                           "without internet, install its wheel from a local folder), or set CUTLASS_PATH to a "
+                           "CUTLASS checkout; CRAM_FORCE_CPU=1 builds the CPU ops only")
     defines = [
         "-DCRAM_WITH_CUDA",
         f'-DCRAM_CUDA_ARCHS="{";".join(archs)}"',

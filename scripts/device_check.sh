@@ -10,6 +10,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/device_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+if ! compgen -G ".whl/nvidia_cutlass-*.whl" >/dev/null; then
+  echo "no .whl/nvidia_cutlass-*.whl: the device has no internet, so the CUDA build needs the CUTLASS wheel carried" \
+       "(here: python3 -m pip download --no-deps nvidia-cutlass -d .whl, then carry .whl)" >&2
+fi
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
