@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import runner
-from .registry import Bench, Call, Case, Impl, per_device, register, rel_err
+from .registry import ROW_DENSITIES, Bench, Call, Case, Impl, per_device, register, rel_err
 
 
 def _shape(B, S, H, Hk, D):
@@ -121,12 +121,7 @@ SPEC = register(Bench(
         ("cpu", False): [_shape(B, 4096, 8, 2, 64) for B in (1, 8)],
         ("cpu", True): [_shape(2, 512, 4, 2, 32)],
     },
-    densities={
-        ("cuda", False): [0.05, 0.25, 1.0],
-        ("cuda", True): [0.25, 1.0],
-        ("cpu", False): [0.25, 1.0],
-        ("cpu", True): [0.5, 1.0],
-    },
+    densities=ROW_DENSITIES,
     dtypes=per_device(cuda=[torch.bfloat16], cpu=[torch.float32]),
     shape_keys=("B", "S", "H", "Hk", "D"),
     make_shape=_shape,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import runner
 from .failures import Skip
-from .registry import Bench, Call, Case, Impl, per_device, register, rel_err
+from .registry import ROW_DENSITIES, Bench, Call, Case, Impl, per_device, register, rel_err
 
 
 def _shape(B, T, E, H):
@@ -113,12 +113,7 @@ SPEC = register(Bench(
         ("cpu", False): [_shape(1, 2048, 256, 4)],
         ("cpu", True): [_shape(1, 256, 64, 2)],
     },
-    densities={
-        ("cuda", False): [0.05, 0.25, 1.0],
-        ("cuda", True): [0.25, 1.0],
-        ("cpu", False): [0.25, 1.0],
-        ("cpu", True): [0.5, 1.0],
-    },
+    densities=ROW_DENSITIES,
     dtypes=per_device(cuda=[torch.bfloat16], cpu=[torch.float32]),
     shape_keys=("B", "T", "E", "H"),
     make_shape=_shape,

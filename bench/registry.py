@@ -58,6 +58,16 @@ MEMORY_BOUND = dict(shapes=SEQUENCE_SHAPES, dtypes=SEQUENCE_DTYPES, shape_keys=(
                     copy_bandwidth=True, table="bandwidth")
 
 
+# Routing densities of the benches whose rows are routed whole (a decoding step's rows, a layer's
+# fixed budget): 0.05, the sparse end the issues' targets name, 0.25 and every row.
+ROW_DENSITIES: dict[Key, list[float]] = {
+    ("cuda", False): [0.05, 0.25, 1.0],
+    ("cuda", True): [0.25, 1.0],
+    ("cpu", False): [0.25, 1.0],
+    ("cpu", True): [0.5, 1.0],
+}
+
+
 class Case(SimpleNamespace):
     """One measured configuration. The runner sets shape, dtype, device, density (None unless
     routed), label (printed beside each time), tol (the relative error allowed at this dtype)

@@ -123,12 +123,11 @@ class HFRouting(RoutedAttention):
             return self.mix(x, q, k, v, softmax_scale)
         B, T, S = q.shape[0], q.shape[1], k.shape[1]
         keys = Padding.from_mask(ATTN_IMPLEMENTATION, padding, B, S, k.device)
+        # A copy of the keys and values per call, as the transformers cache's own concatenation makes.
         k, v = keys.shift(k), keys.shift(v)
         if T == S:  # no cache: the queries are the keys' tokens
             mixed = self.mix(keys.shift(x), keys.shift(q), k, v, softmax_scale, valid=keys.valid)
-            self.last_mask = keys.unshift(self.last_mask)
-            if self.last_probe is not None:
-                self.last_probe = keys.unshift(self.last_probe)
+            self._unshift_records(keys)
             return keys.unshift(mixed)
         if T > 1 or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
             raise NotImplementedError(f"{ATTN_IMPLEMENTATION!r}: after a padded prompt, decode one token per call "

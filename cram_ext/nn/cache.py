@@ -103,6 +103,7 @@ class KVCache:
     def __post_init__(self) -> None:
         if self.lengths is None:
             self.lengths = torch.full((self.k.shape[0],), self.position, dtype=torch.int32, device=self.k.device)
+        self._rows = torch.arange(self.k.shape[0], device=self.k.device)  # append's row index, made once
 
     @classmethod
     def zeros(cls, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
@@ -167,10 +168,9 @@ class KVCache:
         if k.shape[1] != 1:
             raise ValueError(f"KVCache.append: one token per row, got {k.shape[1]}")
         self.check_room(1)
-        rows = torch.arange(self.batch_size, device=self.k.device)
         at = self.lengths.long()
-        self.k.index_put_((rows, at), k[:, 0])
-        self.v.index_put_((rows, at), v[:, 0])
+        self.k.index_put_((self._rows, at), k[:, 0])
+        self.v.index_put_((self._rows, at), v[:, 0])
         self.lengths.add_(1)
         self.position += 1
 

@@ -223,10 +223,16 @@ class RoutedAttention(nn.Module):
         out = self.out_proj(self.mix(x, q, k, v, memory_cache=None if cache is None else cache.memory,
                                      valid=None if pad is None else pad.valid, seqlens=seqlens))
         if pad is not None:
-            out, self.last_mask = pad.unshift(out), pad.unshift(self.last_mask)
-            if self.last_probe is not None:
-                self.last_probe = pad.unshift(self.last_probe)
+            out = pad.unshift(out)
+            self._unshift_records(pad)
         return out if cache is None else (out, cache)
+
+    def _unshift_records(self, pad: Padding) -> None:
+        """last_mask and last_probe of a forward over `pad.shift`ed rows, back in the caller's
+        (padded) token order, False at the pads."""
+        self.last_mask = pad.unshift(self.last_mask)
+        if self.last_probe is not None:
+            self.last_probe = pad.unshift(self.last_probe)
 
     def allocate_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> KVCache:
