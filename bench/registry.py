@@ -156,6 +156,10 @@ class Bench:
     at_density: Callable[[Case, float], Case] | None = None
     bytes: Callable[[Case, str], int] | None = None  # minimal bytes of (case, pass)
     flops: Callable[[Case, str], float | None] | None = None  # useful FLOPs of (case, pass)
+    # (case, pass, impl) -> fields set on that record after the common ones: e.g. metaplastic's
+    # flops_model, peak_flops (the device's peak FLOP/s of the counted work: tables print
+    # flops / time / peak_flops) and flops None for a baseline the count does not describe
+    record_fields: Callable[[Case, str, str], dict] | None = None
     copy_bandwidth: bool = False  # measure a device-to-device copy first (a "copy" record)
     match_density: tuple[str, ...] = ()  # baselines matched with cram on density too
     targets: list[Target] = field(default_factory=list)

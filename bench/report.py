@@ -140,6 +140,45 @@ def layer_table(records: list[dict]) -> str | None:
     return table(header, rows)
 
 
+def metaplastic_table(records: list[dict], baselines: list[str]) -> str | None:
+    """Per shape, dtype and pass: cram's time, its elementwise work against the device's fp32 peak
+    (the records' flops / time / peak_flops), and each baseline's time over cram's."""
+    mine = [r for r in records if r["bench"] == "metaplastic_scan"]
+    if not mine:
+        return None
+    index = {(key(r), r["impl"]): r for r in mine}
+    impls = ["cram"] + [b for b in baselines if any(r["impl"] == b for r in mine)]
+    timed = [i for i in impls if i in ("cram", "compiled_ref")]  # time and share of the peak in columns
+    rows = []
+    for k in dict.fromkeys(key(r) for r in mine):  # first-seen order
+        cram = index.get((k, "cram"))
+        first = next(index[(k, i)] for i in impls if (k, i) in index)
+        row = [shape_str(first["shape"]), first["dtype"], first["pass"]]
+        for impl in timed:
+            r = index.get((k, impl))
+            row.append(f"{r['ms']:.3f}" if r else "–")
+            share = r and r.get("flops") and r.get("peak_flops") and r["flops"] / (r["ms"] * 1e-3) / r["peak_flops"]
+            row.append(f"{share:.1%}" if share else "–")
+        for impl in impls[1:]:
+            r = index.get((k, impl))
+            row.append(f"{r['ms'] / cram['ms']:.2f}×" if r and cram else "–")
+        rows.append(row)
+    header = ["shape (B×T×H×dk×dv)", "dtype", "pass"]
+    header += [h for impl in timed for h in (f"{impl} ms", f"{impl} of fp32 peak")]
+    header += [f"{impl} / cram" for impl in impls[1:]]
+    notes = sorted({r["peak_source"] for r in mine if r.get("peak_flops") and r.get("peak_source")})
+    models = sorted({r["flops_model"] for r in mine if r.get("flops") and r.get("flops_model")})
+    foot = []
+    if models:
+        foot.append(f"FLOPs: {'; '.join(models)}.")
+    if notes:
+        foot.append(f"fp32 peak: {'; '.join(notes)}.")
+    if "fla_simple_gla" in impls:
+        foot.append("fla_simple_gla is GLA (b = 0, I_p = 1) on tensor cores: the non-metaplastic baseline, "
+                    "no FLOPs counted.")
+    return table(header, rows) + ("\n\n" + " ".join(foot) if foot else "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="a device name as recorded (default: all)")
@@ -162,6 +201,8 @@ def render(device: str | None = None) -> str:
         sections.append(("routed_attention (time relative to dense; < 1 is faster)", attention_table(records)))
         sections.append(("routed_decode (one decoding step, CUDA-graph replay on GPUs)", decode_table(records)))
         sections.append(("RoutedAttention layer, a training step (bench.layer)", layer_table(records)))
+        sections.append(("metaplastic_scan (bench.metaplastic; baseline ms / cram ms: > 1, cram is faster)",
+                         metaplastic_table(records, registry.get("metaplastic").baselines)))
         out += [f"**{title}**\n\n{body}\n" for title, body in sections if body]
     return "\n".join(out)
 

@@ -159,10 +159,13 @@ def run_impl(spec: Bench, impl: Impl, case: Case, passes: Sequence[str], runner:
             continue
 
         def make(ms: float, pass_: str = pass_) -> dict:
-            return make_record(runner.env, bench=spec.record, impl=impl.name, pass_=pass_, shape=case.shape,
-                               density=case.density, dtype=case.dtype, ms=ms,
-                               bytes_=spec.bytes(case, pass_) if spec.bytes else None,
-                               flops=spec.flops(case, pass_) if spec.flops else None)
+            rec = make_record(runner.env, bench=spec.record, impl=impl.name, pass_=pass_, shape=case.shape,
+                              density=case.density, dtype=case.dtype, ms=ms,
+                              bytes_=spec.bytes(case, pass_) if spec.bytes else None,
+                              flops=spec.flops(case, pass_) if spec.flops else None)
+            if spec.record_fields is not None:
+                rec.update(spec.record_fields(case, pass_, impl.name))
+            return rec
 
         ran = runner.time(impl.name, pass_, case.label, call, make)
         if ran is not None and not checked:

@@ -47,12 +47,21 @@ def _numeric(s: str) -> bool:
         return False
 
 
+def peak_fraction(rec: dict) -> float | None:
+    """flops / time / peak_flops, for records that carry the device's peak (bench.metaplastic)."""
+    t = tflops(rec)
+    if t is None or not rec.get("peak_flops"):
+        return None
+    return t * 1e12 / rec["peak_flops"]
+
+
 def rate(rec: dict) -> str:
-    """'  12.3 TFLOP/s  456 GB/s' (what the record allows), for the line of each measurement."""
+    """'  12.3 TFLOP/s (18.4% of peak)  456 GB/s' (what the record allows), for the line of each measurement."""
     parts = []
     t = tflops(rec)
     if t is not None:
-        parts.append(f"{t:8.4g} TFLOP/s")
+        frac = peak_fraction(rec)
+        parts.append(f"{t:8.4g} TFLOP/s" + ("" if frac is None else f" ({100 * frac:.1f}% of peak)"))
     g = gbps(rec)
     if g is not None:
         parts.append(f"{g:8.4g} GB/s")
@@ -77,9 +86,25 @@ def print_bandwidth_table(records: list[dict], bench: str, title: str) -> None:
 
 
 def print_flops_table(records: list[dict], bench: str, title: str) -> None:
-    rows = [[shape_str(r["shape"]), r["dtype"], r["pass"], r["impl"], fmt(r["density"]), fmt(r["ms"], ".4f"),
-             fmt(tflops(r), ".4g")] for r in records if r["bench"] == bench]
-    print_table(["shape", "dtype", "pass", "impl", "density", "ms", "TFLOP/s"], rows, title)
+    """Every record of the bench with ms and TFLOP/s, and its share of the device's peak where
+    the records carry one (peak_flops)."""
+    mine = [r for r in records if r["bench"] == bench]
+    peaks = any(r.get("peak_flops") for r in mine)
+    densities = any(r["density"] is not None for r in mine)
+    rows = []
+    for r in mine:
+        row = [shape_str(r["shape"]), r["dtype"], r["pass"], r["impl"]] + ([fmt(r["density"])] if densities else [])
+        row += [fmt(r["ms"], ".4f"), fmt(tflops(r), ".4g")]
+        if peaks:
+            frac = peak_fraction(r)
+            row.append("-" if frac is None else f"{100 * frac:.1f}%")
+        rows.append(row)
+    headers = ["shape", "dtype", "pass", "impl"] + (["density"] if densities else []) + ["ms", "TFLOP/s"]
+    headers += ["of peak"] if peaks else []
+    sources = sorted({r["peak_source"] for r in mine if r.get("peak_flops") and r.get("peak_source")})
+    if sources:
+        title += f"   (peak: {'; '.join(sources)})"
+    print_table(headers, rows, title)
 
 
 def print_speedups(records: list[dict], bench: str, baselines: Sequence[str],

@@ -65,3 +65,55 @@ def test_a_routing_that_cannot_be_made_is_a_note_and_the_next_density_runs(tmp_p
              [0.5, 1.0], runner, SimpleNamespace(check=False))
     assert any("out of memory making the routing" in n for n in runner.notes)
     assert [r["density"] for r in runner.sink.records] == [1.0]
+
+
+def test_record_fields_are_set_on_each_record(tmp_path):
+    """A Bench's record_fields(case, pass, impl) adds fields to that record, and may replace its own
+    (bench.metaplastic: flops None for fla's GLA, the device's peak beside the count)."""
+    spec = _bench(None)
+    spec.impls[0].routed = False
+    spec.flops = lambda case, pass_: 100.0
+    spec.record_fields = lambda case, pass_, impl: {"peak_flops": 1e12, "flops": None if impl == "twice" else 1.0}
+    runner = Runner(Env(torch.device("cpu"), "cpu", torch.__version__, "test"), Sink(tmp_path / "r.json"),
+                    TimingConfig(warmup_ms=0, rep_ms=1, min_reps=1, max_reps=2))
+    run_case(spec, {"B": 1, "T": 4, "C": 2}, torch.float32, spec.impls, ["fwd"], [], runner,
+             SimpleNamespace(check=False))
+    (rec,) = runner.sink.records
+    assert rec["peak_flops"] == 1e12 and rec["flops"] is None
+
+
+def test_metaplastic_fp32_peak_from_device_properties():
+    from bench.metaplastic import fp32_peak_from
+
+    def props(name, cc, sms, clock_khz=None):
+        p = SimpleNamespace(name=name, major=cc[0], minor=cc[1], multi_processor_count=sms)
+        if clock_khz is not None:
+            p.clock_rate = clock_khz
+        return p
+
+    h100, how = fp32_peak_from(props("NVIDIA H100 80GB HBM3", (9, 0), 132, 1_980_000))
+    assert h100 == pytest.approx(132 * 128 * 2 * 1.98e9) and "clock_rate" in how  # 66.9 TFLOP/s
+    # No clock exposed: the datasheet boost of a known card.
+    assert fp32_peak_from(props("NVIDIA H200", (9, 0), 132))[0] == pytest.approx(h100)
+    assert fp32_peak_from(props("NVIDIA H100 PCIe", (9, 0), 114, 0))[0] == pytest.approx(114 * 128 * 2 * 1.755e9)
+    assert fp32_peak_from(props("NVIDIA A100-SXM4-80GB", (8, 0), 108, 1_410_000))[0] == pytest.approx(19.49e12, 1e-3)
+    assert fp32_peak_from(props("Some GPU", (9, 0), 100, 0))[0] is None  # unknown clock: no fraction printed
+    assert fp32_peak_from(props("Some GPU", (11, 0), 100, 1_000_000))[0] is None  # unknown lanes per SM
+
+
+def test_metaplastic_bench_case_checks_and_counts(tmp_path):
+    """bench.metaplastic on a tiny CPU case: the chunked reference passes its own check, the
+    records carry the elementwise count and no peak on the CPU, fla's GLA is not counted."""
+    import bench.metaplastic as bm
+
+    spec = bm.SPEC
+    case = Case(shape=bm._shape(1, 70, 2, 8, 16), dtype=torch.float32, device=torch.device("cpu"), density=None,
+                label="", tol=spec.tol(torch.float32), args=SimpleNamespace(check=True))
+    case = spec.setup(case)
+    call = spec.impl("eager_ref").build(case)
+    text, ok = call.check(call.forward())
+    assert ok, text
+    assert spec.flops(case, "fwd") == 8 * 1 * 70 * 2 * 8 * 16
+    assert spec.flops(case, "fwd_bwd") == 3 * spec.flops(case, "fwd")
+    assert spec.record_fields(case, "fwd", "eager_ref")["peak_flops"] is None
+    assert spec.record_fields(case, "fwd", "fla_simple_gla")["flops"] is None

@@ -70,6 +70,9 @@ for stage in "${stages[@]}"; do
     bench_scan) run_stage bench_scan python3 -m bench.scan --device cuda --out "$OUT/gated_scan.json" ;;
     bench_router) run_stage bench_router python3 -m bench.router --device cuda --out "$OUT/route.json" ;;
     bench_attention) run_stage bench_attention python3 -m bench.attention --device cuda --out "$OUT/routed_attention.json" ;;
+    bench_metaplastic) run_stage bench_metaplastic python3 -m bench.metaplastic --device cuda --out "$OUT/metaplastic_scan.json" ;;
+    bench_metaplastic_quick) run_stage bench_metaplastic_quick python3 -m bench.metaplastic --device cuda --quick \
+        --out "$OUT/metaplastic_scan_quick.json" ;;
     bench)
       run_stage bench_scan python3 -m bench.scan --device cuda --out "$OUT/gated_scan.json"
       run_stage bench_router python3 -m bench.router --device cuda --out "$OUT/route.json"
