@@ -13,7 +13,8 @@ from .generation import GenerateOutput, RolloutOutput, generate, rollout
 from .models import CRAMBlock, CRAMConfig, CRAMModel, TransformerConfig, TransformerLM
 from .nn import (BlockCache, KVCache, MetaplasticCache, MetaplasticMemory, ModelCache, RoutedAttention, ScanCache,
                  WorkingMemory, aux_losses)
-from .ops import check_route, gated_scan, route, routed_attention, routed_decode, set_debug
+from .ops import (check_route, gated_scan, metaplastic_scan, metaplastic_step, route, routed_attention, routed_decode,
+                  set_debug)
 from .route_types import Route, route_from_mask
 
 __all__ = [
@@ -40,6 +41,8 @@ __all__ = [
     "rollout",
     "RolloutOutput",
     "load_run",
+    "metaplastic_scan",
+    "metaplastic_step",
     "models",
     "nn",
     "reference",

@@ -17,7 +17,8 @@ from . import _C  # noqa: F401  (loading the library runs the op registrations)
 from .reference import accumulate_dtype
 from .route_types import Route
 
-__all__ = ["gated_scan", "route", "routed_attention", "routed_decode", "check_route", "set_debug"]
+__all__ = ["gated_scan", "route", "routed_attention", "routed_decode", "metaplastic_scan", "metaplastic_step",
+           "check_route", "set_debug"]
 
 _debug = os.environ.get("CRAM_DEBUG", "0") not in ("", "0")
 
@@ -339,3 +340,139 @@ def _(q, k_cache, v_cache, seqlens, routed, softmax_scale):
     _check_same_device("routed_decode", q=q, k_cache=k_cache, v_cache=v_cache, seqlens=seqlens, routed=routed)
     return (q.new_empty(q.shape),
             q.new_empty(q.shape[:2], dtype=accumulate_dtype(q.dtype)))
+
+
+# ---------------------------------------------------------- metaplastic_scan
+
+
+def _metaplastic_scale(q: Tensor, scale: float | None) -> float:
+    if scale is not None:
+        return float(scale)
+    # A q without a positive d_k is the launcher's to reject, naming q (not a ZeroDivisionError here).
+    return q.shape[-1] ** -0.5 if q.dim() > 0 and q.shape[-1] > 0 else 1.0
+
+
+def _metaplastic_prior(prior: Tensor | float, q: Tensor, heads: int) -> Tensor:
+    if isinstance(prior, Tensor):
+        return prior.expand(heads) if prior.dim() == 0 else prior
+    # A fill kernel, not a host-to-device copy: capturable in a CUDA graph.
+    return torch.full((heads,), float(prior), dtype=accumulate_dtype(q.dtype), device=q.device)
+
+
+def metaplastic_scan(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    b: Tensor,
+    log_alpha: Tensor,
+    prior: Tensor | float,
+    state: tuple[Tensor, Tensor] | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """The metaplastic working memory (Palimpsa) over a sequence, per batch row and head:
+
+        M_t    = a_t M_{t-1}    + v_t k_t^T              a_t = exp(log_alpha_t)
+        Ibar_t = a_t Ibar_{t-1} + b_t (k_t * k_t)^T
+        o_t    = scale * (M_t / (Ibar_t + prior)) q_t    (elementwise division, then a mat-vec)
+
+    docs/metaplastic.md is the contract; `cram_ext.reference_metaplastic` the plain loop.
+
+    Args:
+        q, k: (B, T, H, d_k); v, b: (B, T, H, d_v), b >= 0. float32/float16/bfloat16 (float64
+            on the CPU), one dtype; d_k, d_v <= 128 on CUDA.
+        log_alpha: (B, T, H), the log of the decay, <= 0 (-inf is an exact reset); any float dtype.
+        prior: I_p > 0 per head, (H,) or a scalar tensor or a number.
+        state: the initial (M, Ibar), each (B, H, d_v, d_k) in float32 (float64 for float64
+            inputs), or None for zeros (mean 0, importance = the prior).
+        scale: multiplies the read-out; d_k ** -0.5 when None.
+
+    Returns:
+        o: (B, T, H, d_v) in q.dtype, accumulated in float32 (float64).
+        (M, Ibar): the final state, float32 (float64).
+
+    Differentiable in q, k, v, b, log_alpha, prior and the initial state. Any strides (inputs
+    are made contiguous). The backward recomputes the states: the forward keeps only its inputs.
+    """
+    H = q.shape[2] if q.dim() == 4 else 0
+    M0, ibar0 = (None, None) if state is None else state
+    o, M, ibar = torch.ops.cram.metaplastic_scan.default(
+        q, k, v, b, log_alpha, _metaplastic_prior(prior, q, H), M0, ibar0, _metaplastic_scale(q, scale))
+    return o, (M, ibar)
+
+
+def metaplastic_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    b: Tensor,
+    log_alpha: Tensor,
+    prior: Tensor | float,
+    state: tuple[Tensor, Tensor],
+    scale: float | None = None,
+) -> Tensor:
+    """One decoding token of `metaplastic_scan`, updating `state` in place.
+
+    q, k: (B, H, d_k); v, b: (B, H, d_v); log_alpha: (B, H); state: (M, Ibar), each a
+    contiguous (B, H, d_v, d_k) float32 (float64 for float64 inputs) tensor, overwritten with
+    the new state. Returns o (B, H, d_v) in q.dtype: what `metaplastic_scan` gives on a
+    one-token sequence. Inference only (not differentiable); no host sync.
+    """
+    H = q.shape[1] if q.dim() == 3 else 0
+    M, ibar = state
+    return torch.ops.cram.metaplastic_step.default(
+        q, k, v, b, log_alpha, _metaplastic_prior(prior, q, H), M, ibar, _metaplastic_scale(q, scale))
+
+
+@torch.library.register_fake("cram::metaplastic_scan")
+def _(q, k, v, b, log_alpha, prior, M0, Ibar0, scale):
+    _check_same_device("metaplastic_scan", q=q, k=k, v=v, b=b, log_alpha=log_alpha, prior=prior, M0=M0,
+                       Ibar0=Ibar0)
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    acc = accumulate_dtype(q.dtype)
+    return (q.new_empty((B, T, H, dv)), q.new_empty((B, H, dv, dk), dtype=acc),
+            q.new_empty((B, H, dv, dk), dtype=acc))
+
+
+@torch.library.register_fake("cram::metaplastic_scan_backward")
+def _(grad_o, grad_M, grad_Ibar, q, k, v, b, log_alpha, prior, M0, Ibar0, scale):
+    _check_same_device("metaplastic_scan_backward", grad_o=grad_o, grad_M=grad_M, grad_Ibar=grad_Ibar, q=q, k=k,
+                       v=v, b=b, log_alpha=log_alpha, prior=prior, M0=M0, Ibar0=Ibar0)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), b.new_empty(b.shape),
+            log_alpha.new_empty(log_alpha.shape), prior.new_empty(prior.shape), grad_M.new_empty(grad_M.shape),
+            grad_M.new_empty(grad_M.shape))
+
+
+@torch.library.register_fake("cram::metaplastic_step")
+def _(q, k, v, b, log_alpha, prior, M, Ibar, scale):
+    _check_same_device("metaplastic_step", q=q, k=k, v=v, b=b, log_alpha=log_alpha, prior=prior, M=M, Ibar=Ibar)
+    return q.new_empty(v.shape)
+
+
+def _metaplastic_setup_context(ctx, inputs, output):
+    q, k, v, b, log_alpha, prior, M0, Ibar0, scale = inputs
+    ctx.save_for_backward(q, k, v, b, log_alpha, prior, M0, Ibar0)
+    ctx.scale = scale
+
+
+def _metaplastic_backward(ctx, grad_o, grad_M, grad_Ibar):
+    q, k, v, b, log_alpha, prior, M0, Ibar0 = ctx.saved_tensors
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    acc = accumulate_dtype(q.dtype)
+    if grad_o is None:
+        grad_o = q.new_zeros((B, T, H, dv))
+    if grad_M is None:
+        grad_M = q.new_zeros((B, H, dv, dk), dtype=acc)
+    if grad_Ibar is None:
+        grad_Ibar = q.new_zeros((B, H, dv, dk), dtype=acc)
+    grads = torch.ops.cram.metaplastic_scan_backward.default(
+        grad_o, grad_M, grad_Ibar, q, k, v, b, log_alpha, prior, M0, Ibar0, ctx.scale)
+    grad_q, grad_k, grad_v, grad_b, grad_log_alpha, grad_prior, grad_M0, grad_Ibar0 = grads
+    return (grad_q, grad_k, grad_v, grad_b, grad_log_alpha, grad_prior,
+            grad_M0 if M0 is not None else None, grad_Ibar0 if Ibar0 is not None else None, None)
+
+
+torch.library.register_autograd(
+    "cram::metaplastic_scan", _metaplastic_backward, setup_context=_metaplastic_setup_context
+)

@@ -47,6 +47,18 @@ TORCH_LIBRARY(cram, m) {
   m.def(
       "routed_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, Tensor routed, float softmax_scale)"
       " -> (Tensor out, Tensor lse)");
+
+  m.def(
+      "metaplastic_scan(Tensor q, Tensor k, Tensor v, Tensor b, Tensor log_alpha, Tensor prior, Tensor? M0,"
+      " Tensor? Ibar0, float scale) -> (Tensor o, Tensor M, Tensor Ibar)");
+  m.def(
+      "metaplastic_scan_backward(Tensor grad_o, Tensor grad_M, Tensor grad_Ibar, Tensor q, Tensor k, Tensor v,"
+      " Tensor b, Tensor log_alpha, Tensor prior, Tensor? M0, Tensor? Ibar0, float scale)"
+      " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_b, Tensor grad_log_alpha, Tensor grad_prior,"
+      " Tensor grad_M0, Tensor grad_Ibar0)");
+  m.def(
+      "metaplastic_step(Tensor q, Tensor k, Tensor v, Tensor b, Tensor log_alpha, Tensor prior, Tensor(a!) M,"
+      " Tensor(b!) Ibar, float scale) -> Tensor o");
 }
 
 }  // namespace cram

@@ -185,7 +185,7 @@ def reproduce(args: argparse.Namespace) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ops", default="scan,route,attention,decode", help="comma-separated: scan, route, attention, decode")
+    p.add_argument("--ops", default="scan,route,attention,decode,metaplastic", help="comma-separated: scan, route, attention, decode, metaplastic")
     p.add_argument("--cases", type=int, default=1000, help="cases per op (ids 0 .. cases-1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: the same cases on the CPU ops")

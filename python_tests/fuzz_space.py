@@ -19,11 +19,14 @@ the same space:
 
 Every check compares with `cram_ext.reference` run on the CPU from the same (rounded)
 inputs, in float64 for float64 inputs and in float32 otherwise (docs/design.md §5), within its
-relative-error bounds, and raises AssertionError naming what differed.
+relative-error bounds, and raises AssertionError naming what differed. metaplastic_scan is
+compared with the float64 loop of `cram_ext.reference_metaplastic` whatever its dtype
+(docs/metaplastic.md §4).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
@@ -48,6 +51,7 @@ from test_routed_attention import check_unrouted_rows
 import cram_ext
 from cram_ext import reference
 from cram_ext.reference import routed_mask
+from cram_ext.reference_metaplastic import metaplastic_scan_reference
 
 # ------------------------------------------------------------------------ drawing
 
@@ -198,13 +202,16 @@ class Limits:
     attn_extra_S: int  # S - T at most
     attn_work: int  # B * H * T * S at most (the reference's score matrix)
     decode_S: int  # the KV cache's length at most (routed_decode)
+    meta_T: int  # metaplastic_scan: T at most
+    meta_D: int  # d_k and d_v at most
+    meta_work: int  # B * H * T * d_v * d_k at most (the float64 loop's autograd graph holds ~6 of these)
 
 
 LIMITS = {
     "cpu": Limits(scan_T=300, scan_C=160, route_T=300, route_C=300, attn_T=150, attn_extra_S=150, attn_work=400_000,
-                  decode_S=600),
+                  decode_S=600, meta_T=160, meta_D=48, meta_work=300_000),
     "cuda": Limits(scan_T=2100, scan_C=600, route_T=2100, route_C=1100, attn_T=700, attn_extra_S=1300,
-                   attn_work=6_000_000, decode_S=5000),
+                   attn_work=6_000_000, decode_S=5000, meta_T=600, meta_D=128, meta_work=6_000_000),
 }
 
 PARAM_DTYPES = tuple(DTYPE_NAMES)
@@ -306,6 +313,33 @@ class DecodeCase:
     seed: int
 
 
+@dataclass(frozen=True)
+class MetaplasticCase:
+    B: int
+    T: int
+    H: int
+    dk: int
+    dv: int
+    dtype: torch.dtype
+    log_alpha_dtype: torch.dtype  # the inputs' dtype or float32
+    prior: str  # "heads" (an (H,) tensor), "0-d" (a scalar tensor), "float" (a Python number)
+    prior_dtype: torch.dtype  # of a prior tensor
+    prior_range: tuple  # I_p is log-uniform in it, per head
+    with_state: bool
+    decay: str  # "realistic" (horizons 1-1000 tokens), "one" (log_alpha = 0), "sharp" (a < e^-5), "reset" (some -inf)
+    b: str  # "realistic" (in (0, 1.5)) or "zero"
+    scale: float | None
+    grads: str  # "all" (o and the final state), "o" (a loss on o only)
+    layouts: dict = field(hash=False)  # q, k, v, b, log_alpha, M0, Ibar0, grad_o, grad_M, grad_Ibar
+    seed: int = 0
+
+    def __str__(self) -> str:
+        return (f"metaplastic_scan(B={self.B}, T={self.T}, H={self.H}, d_k={self.dk}, d_v={self.dv}, "
+                f"{DTYPE_NAMES[self.dtype]}, log_alpha {DTYPE_NAMES[self.log_alpha_dtype]}, prior={self.prior} "
+                f"{DTYPE_NAMES[self.prior_dtype]} in {self.prior_range}, state={self.with_state}, decay={self.decay}, "
+                f"b={self.b}, scale={self.scale}, grads={self.grads}, layouts={self.layouts}, seed={self.seed})")
+
+
 def draw_scan_case(draw: Draw, device: str) -> ScanCase:
     lim = LIMITS[device]
     return ScanCase(
@@ -376,6 +410,31 @@ def draw_decode_case(draw: Draw, device: str) -> DecodeCase:
         softmax_scale=draw.choice((None, None, 0.05, -0.3)),
         layouts={**{name: draw_layout(draw) for name in ("q", "k_cache", "v_cache")},
                  "seqlens": draw_layout(draw, ("offset", "strided")), "routed": draw_layout(draw, ("offset", "strided"))},
+        seed=draw.int(0, 2**31 - 1),
+    )
+
+
+def draw_metaplastic_case(draw: Draw, device: str) -> MetaplasticCase:
+    lim = LIMITS[device]
+    B, H = draw_size(draw, 4), draw_size(draw, 4)
+    T = draw.choice((0,) + (draw_size(draw, lim.meta_T),) * 9)
+    dk, dv = draw_size(draw, lim.meta_D), draw_size(draw, lim.meta_D)
+    while B * H * T * dk * dv > lim.meta_work and B * H > 1:  # keep the float64 loop's graph small
+        B, H = (B - 1, H) if B >= H else (B, H - 1)
+    T = min(T, max(1, lim.meta_work // (B * H * dk * dv)))
+    dtype = draw.choice(SCAN_DTYPES[device])
+    acc = reference_dtype(dtype)
+    return MetaplasticCase(
+        B=B, T=T, H=H, dk=dk, dv=dv, dtype=dtype, log_alpha_dtype=draw.choice((dtype, torch.float32)),
+        prior=draw.choice(("heads", "heads", "0-d", "float")), prior_dtype=draw.choice((acc, torch.float32, torch.float64)),
+        prior_range=draw.choice(((0.5, 2.0), (0.5, 2.0), (1e-2, 1e2))), with_state=draw.choice((False, True)),
+        decay=draw.choice(("realistic", "realistic", "one", "sharp", "reset")), b=draw.choice(("realistic",) * 3 + ("zero",)),
+        scale=draw.choice((None, None, 1.0, 0.3)), grads=draw.choice(("all", "all", "o")),
+        layouts={**{name: draw_layout(draw) for name in ("q", "k", "v", "b")},
+                 "log_alpha": draw_layout(draw, ("offset", "strided", "permuted", "expanded")),
+                 **{name: draw_layout(draw, ("offset", "padded", "strided", "permuted", "expanded"))
+                    for name in ("M0", "Ibar0")},
+                 **{name: draw_layout(draw, GRAD_LAYOUTS) for name in ("grad_o", "grad_M", "grad_Ibar")}},
         seed=draw.int(0, 2**31 - 1),
     )
 
@@ -605,9 +664,136 @@ def check_decode(case: DecodeCase, device: str) -> None:
         assert_close(lse[~empty], ref_lse[~empty].double(), max(tol, 1e-6), "lse")
 
 
+# Gradients of metaplastic_scan against the float64 loop. float64: the contract's 1e-10; the
+# others are looser than the output's bound: the backward's sums (d log_alpha: d_v d_k terms
+# per token; d prior: all of B T d_v d_k) add rounding, and q, k, v, b's gradients come back
+# rounded to their dtype.
+METAPLASTIC_GRAD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def metaplastic_tolerance(dtype: torch.dtype, T: int) -> float:
+    """Bound on o (and, with the accumulation dtype, on the final state) against the float64
+    loop: docs/metaplastic.md §4, a float32 scan over T steps max(1e-5, 8 sqrt(T) eps)."""
+    if dtype == torch.float64:
+        return TOLERANCE[dtype]
+    return max(TOLERANCE[dtype], 8 * max(T, 1) ** 0.5 * torch.finfo(torch.float32).eps)
+
+
+def _leaf(values: torch.Tensor, layout: str, dtype: torch.dtype, device: str, expand_dim: int):
+    t = laid_out(values, layout, dtype, device, expand_dim)
+    return t.requires_grad_(), values.to(dtype).to(torch.float64)
+
+
+def metaplastic_inputs(case: MetaplasticCase, device: str, gen: torch.Generator):
+    """The op's arguments (q, k, v, b, log_alpha, prior, state) laid out as the case says, and the
+    float64 values the kernel reads (inputs rounded to their dtypes, log_alpha and prior to the
+    accumulation dtype), in the ranges of docs/metaplastic.md §4."""
+    B, T, H, dk, dv, dt, lay = case.B, case.T, case.H, case.dk, case.dv, case.dtype, case.layouts
+    acc = reference_dtype(dt)
+    # q, k, v, b constant along the heads when expanded; L2 normalisation keeps that.
+    q_v = F.normalize(random_values((B, T, H, dk), lay["q"], gen, 2), dim=-1)
+    k_v = F.normalize(random_values((B, T, H, dk), lay["k"], gen, 2), dim=-1)
+    v_v = random_values((B, T, H, dv), lay["v"], gen, 2)
+    b_v = random_values((B, T, H, dv), lay["b"], gen, 2, lambda x: 1.5 * torch.sigmoid(x) * (case.b != "zero"))
+    # log_alpha = -A dt, A in [1, 16] per head, dt log-uniform in [1e-3, 1e-1]; constant along T when expanded.
+    A = 1 + 15 * torch.rand(H, generator=gen, dtype=torch.float64)
+    u = torch.sigmoid(1.7 * random_values((B, T, H), lay["log_alpha"], gen, 1))  # about uniform in (0, 1)
+    la_v = {"realistic": -A * 1e-3 * 100.0**u, "reset": -A * 1e-3 * 100.0**u, "one": 0 * u,
+            "sharp": -5 - 10 * u}[case.decay]
+    if case.decay == "reset":
+        reset = torch.rand(B, 1 if lay["log_alpha"] == "expanded" else T, H, generator=gen) < 0.05
+        if T > 0 and lay["log_alpha"] != "expanded":
+            reset[0, 0] = True  # a reset at the first token: the initial state is forgotten
+        la_v = la_v.masked_fill(reset.expand(B, T, H), float("-inf"))
+    q, q_r = _leaf(q_v, lay["q"], dt, device, 2)
+    k, k_r = _leaf(k_v, lay["k"], dt, device, 2)
+    v, v_r = _leaf(v_v, lay["v"], dt, device, 2)
+    b, b_r = _leaf(b_v, lay["b"], dt, device, 2)
+    la, la_r = _leaf(la_v, lay["log_alpha"], case.log_alpha_dtype, device, 1)
+    la_r = la_r.to(acc).double()
+    lo, hi = case.prior_range
+    prior_v = torch.empty(H, dtype=torch.float64).uniform_(math.log(lo), math.log(hi), generator=gen).exp()
+    if case.prior == "float":
+        prior = float(prior_v[0])
+        prior_r = torch.tensor(prior, dtype=acc).double().expand(H)
+    else:
+        prior_v = prior_v[0] if case.prior == "0-d" else prior_v
+        prior, prior_r = _leaf(prior_v, "contiguous", case.prior_dtype, device, 0)
+        prior_r = prior_r.to(acc).double()
+    state = state_r = None
+    if case.with_state:
+        M0, M0_r = _leaf(random_values((B, H, dv, dk), lay["M0"], gen, 0), lay["M0"], acc, device, 0)
+        I0_v = random_values((B, H, dv, dk), lay["Ibar0"], gen, 0, lambda x: 3 * torch.sigmoid(x))
+        I0, I0_r = _leaf(I0_v, lay["Ibar0"], acc, device, 0)
+        state, state_r = (M0, I0), (M0_r, I0_r)
+    return (q, k, v, b, la, prior, state), (q_r, k_r, v_r, b_r, la_r, prior_r, state_r)
+
+
+def check_metaplastic(case: MetaplasticCase, device: str) -> None:
+    """metaplastic_scan, forward and every gradient, against the float64 loop of
+    cram_ext.reference_metaplastic on the values the kernel reads."""
+    gen = torch.Generator().manual_seed(case.seed)
+    B, T, H, dk, dv, dt, lay = case.B, case.T, case.H, case.dk, case.dv, case.dtype, case.layouts
+    acc = reference_dtype(dt)
+    args, ref_args = metaplastic_inputs(case, device, gen)
+    q, k, v, b, la, prior, state = args
+    q_r, k_r, v_r, b_r, la_r, prior_r, state_r = ref_args
+    ref_leaves = [t.detach().requires_grad_() for t in (q_r, k_r, v_r, b_r, la_r)]
+    leaves = [q, k, v, b, la]
+    if torch.is_tensor(prior):
+        leaves.append(prior)
+        prior_r = prior_r.detach().requires_grad_()
+        ref_leaves.append(prior_r)
+    if state is not None:
+        leaves += list(state)
+        state_r = tuple(s.detach().requires_grad_() for s in state_r)
+        ref_leaves += list(state_r)
+
+    poison_allocator(device)
+    o, (M, ibar) = cram_ext.metaplastic_scan(q, k, v, b, la, prior, state, case.scale)
+    o_ref, (M_ref, ibar_ref) = metaplastic_scan_reference(*ref_leaves[:5], prior_r, state_r, case.scale)
+    assert o.shape == (B, T, H, dv) and o.dtype == dt and o.device.type == device, "o: shape, dtype or device"
+    for name, x in (("M", M), ("Ibar", ibar)):
+        assert x.shape == (B, H, dv, dk) and x.dtype == acc, f"{name}: shape or dtype"
+    tol, state_tol = metaplastic_tolerance(dt, T), metaplastic_tolerance(acc, T)
+    assert_close(o, o_ref, tol, "o")
+    assert_close(M, M_ref, state_tol, "M")
+    assert_close(ibar, ibar_ref, state_tol, "Ibar", floor=1e-6)
+
+    grad_o = make_grad((B, T, H, dv), lay["grad_o"], dt, device, gen, expand_dim=2)
+    outputs, ref_outputs, grad_outputs = [o], [o_ref], [grad_o]
+    if case.grads == "all":
+        grad_M = make_grad((B, H, dv, dk), lay["grad_M"], acc, device, gen)
+        grad_I = make_grad((B, H, dv, dk), lay["grad_Ibar"], acc, device, gen)
+        outputs += [M, ibar]
+        ref_outputs += [M_ref, ibar_ref]
+        grad_outputs += [grad_M, grad_I]
+    poison_allocator(device)
+    grads = torch.autograd.grad(outputs, leaves, grad_outputs)
+    # With T = 0 the loop's o (and, without a state, its final state) is a function of nothing.
+    connected = [(r, g.cpu().double()) for r, g in zip(ref_outputs, grad_outputs) if r.requires_grad]
+    ref_grads = [None] * len(ref_leaves)
+    if connected:
+        outs, grads_in = zip(*connected)
+        ref_grads = torch.autograd.grad(outs, ref_leaves, grads_in, allow_unused=True)
+    names = ["q", "k", "v", "b", "log_alpha"] + (["prior"] if torch.is_tensor(prior) else []) + \
+        (["M0", "Ibar0"] if state is not None else [])
+    for name, g, g_ref, inp in zip(names, grads, ref_grads, leaves):
+        assert g.shape == inp.shape and g.dtype == inp.dtype, f"grad {name}: shape or dtype"
+        # Each gradient comes back in its input's dtype (log_alpha and prior may be float32
+        # beside float64 inputs), so it carries that dtype's rounding.
+        grad_tol = max(METAPLASTIC_GRAD_TOLERANCE[dt], METAPLASTIC_GRAD_TOLERANCE[inp.dtype], tol)
+        g_ref = torch.zeros(inp.shape, dtype=torch.float64) if g_ref is None else g_ref
+        if name == "log_alpha":
+            resets = (ref_args[4] == float("-inf")).expand(g_ref.shape)
+            assert (g.detach().cpu()[resets] == 0).all(), "grad log_alpha: not 0 at a reset"
+        assert_close(g, g_ref, grad_tol, f"grad {name}", floor=1e-6)
+
+
 OPS = {
     "scan": (draw_scan_case, check_scan),
     "route": (draw_route_case, check_route),
     "attention": (draw_attention_case, check_attention),
     "decode": (draw_decode_case, check_decode),
+    "metaplastic": (draw_metaplastic_case, check_metaplastic),
 }

@@ -1,6 +1,6 @@
-"""Property tests of gated_scan, route, routed_attention (forward and backward) and routed_decode against
-the reference over the input space of fuzz_space.py (sizes, dtypes, routings, memory
-layouts of every argument and incoming gradient), drawn by hypothesis.
+"""Property tests of gated_scan, route, routed_attention, metaplastic_scan (forward and backward) and
+routed_decode against the reference over the input space of fuzz_space.py (sizes, dtypes, routings,
+memory layouts of every argument and incoming gradient), drawn by hypothesis.
 
 The default profile ("ci") draws a fixed, bounded set of examples per op and device
 (derandomized, so CI is reproducible); CRAM_HYPOTHESIS_PROFILE=long draws many more, fresh
