@@ -1,0 +1,414 @@
+// CUDA backward of the metaplastic scan: the adjoint recurrence of docs/metaplastic.md §3,
+//   G^M_t = dmu_t / P_t + a_{t+1} G^M_{t+1},   G^I_t = -dmu_t mu_t / P_t + a_{t+1} G^I_{t+1},
+// run backwards in time, which needs every token's state in reverse order. Storing them all
+// would take T d_v d_k floats per head; this kernel keeps them in three levels instead:
+//   1. a forward pass writes the state at the start of every chunk of kChunk tokens to the
+//      workspace (its own rows only);
+//   2. going back chunk by chunk, the chunk's entry state is reloaded and advanced to the
+//      middle of the chunk;
+//   3. each half of kHalf tokens is recomputed from its start into registers (the thread's
+//      kHalf x kCols states of M and Ibar) and walked backwards.
+// That recomputes each state about 2.5 times, for 2 d_v d_k floats of workspace per kChunk
+// tokens per head.
+//
+// Thread layout as the forward (metaplastic_cuda_layout.cuh). Sums over key columns (dv, db,
+// and the parts of dlog_alpha) close inside a row group; sums over value rows (dq, dk) go
+// through warp shuffles, shared-memory atomics per half, then float32 atomics to a
+// (B, T, H, d_k) buffer, because a head's rows are spread over several blocks. Those last
+// sums are therefore not bitwise reproducible run to run (as the non-deterministic backward
+// of routed_attention).
+
+#include <cuda_runtime.h>
+
+#include "common/cuda_check.h"
+#include "common/cuda_elements.cuh"
+#include "metaplastic_scan/metaplastic_cuda_layout.cuh"
+#include "metaplastic_scan/metaplastic_scan.h"
+
+namespace cram {
+namespace metaplastic {
+namespace {
+
+constexpr int kBwdThreads = 256;
+constexpr int kHalf = 16;
+constexpr int kChunk = 2 * kHalf;
+
+template <typename T>
+struct BwdArgs {
+  const T* grad_o;
+  const T* q;
+  const T* k;
+  const T* v;
+  const T* b;
+  const float* grad_M;
+  const float* grad_Ibar;
+  const float* log_alpha;
+  const float* prior;
+  const float* M0;
+  const float* Ibar0;
+  T* grad_v;
+  T* grad_b;
+  float* grad_log_alpha;  // zeroed before the kernel
+  float* grad_prior;      // zeroed
+  float* grad_M0;
+  float* grad_Ibar0;
+  float* dq;              // (B, T, H, d_k), zeroed
+  float* dk;              // likewise
+  float* checkpoint_M;    // [B * H][chunks][d_v][key_pad]
+  float* checkpoint_I;
+  int64_t seqlen, heads, key_dim, value_dim, chunks;
+  float scale;
+};
+
+struct Workspace {
+  size_t checkpoint_floats, dqk_floats;
+  size_t bytes() const { return sizeof(float) * (2 * checkpoint_floats + 2 * dqk_floats); }
+};
+
+size_t round_up4(size_t n) { return (n + 3) / 4 * 4; }
+
+Workspace workspace_of(const MetaplasticShape& p) {
+  const Layout l = make_layout(p.key_dim, p.value_dim, kBwdThreads);
+  const size_t chunks = static_cast<size_t>((p.seqlen + kChunk - 1) / kChunk);
+  return {round_up4(static_cast<size_t>(p.batch * p.heads) * chunks * p.value_dim * l.key_pad),
+          round_up4(static_cast<size_t>(p.batch * p.seqlen * p.heads * p.key_dim))};
+}
+
+size_t bwd_smem_bytes(const Layout& l) {
+  return sizeof(float) * (2 * kChunk * l.key_pad + 3 * kChunk * l.rows + kChunk    // inputs of a chunk
+                          + 2 * kHalf * l.key_pad + 2 * kHalf * l.rows + kHalf);  // sums of a half
+}
+
+struct SharedTiles {
+  float *q, *k, *v, *b, *grad_o, *decay;  // a chunk's inputs: [kChunk][key_pad] or [kChunk][rows]
+  float *dq, *dk, *dv, *db, *dla;         // a half's sums: [kHalf][key_pad], [kHalf][rows], [kHalf]
+};
+
+__device__ SharedTiles carve(float* smem, const Layout& l) {
+  SharedTiles s;
+  s.q = smem;
+  s.k = s.q + kChunk * l.key_pad;
+  s.v = s.k + kChunk * l.key_pad;
+  s.b = s.v + kChunk * l.rows;
+  s.grad_o = s.b + kChunk * l.rows;
+  s.decay = s.grad_o + kChunk * l.rows;
+  s.dq = s.decay + kChunk;
+  s.dk = s.dq + kHalf * l.key_pad;
+  s.dv = s.dk + kHalf * l.key_pad;
+  s.db = s.dv + kHalf * l.rows;
+  s.dla = s.db + kHalf * l.rows;
+  return s;
+}
+
+// State update of one token for this thread's kCols entries (the forward's arithmetic, so
+// that the recomputed states are bitwise the forward's).
+__device__ __forceinline__ void advance(float (&M)[kCols], float (&I)[kCols], const float (&k)[kCols], float v,
+                                        float b, float decay) {
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) {
+    M[c] = fmaf(v, k[c], decay * M[c]);
+    I[c] = fmaf(b, k[c] * k[c], decay * I[c]);
+  }
+}
+
+template <typename T>
+struct Chunk {
+  const BwdArgs<T>& a;
+  const Layout& l;
+  const SharedTiles& s;
+  const Position& pos;
+  int local_row;
+  int64_t batch, head, t0;  // t0: the chunk's first token
+  float prior;
+
+  __device__ void advance_tokens(float (&M)[kCols], float (&I)[kCols], int first, int count) const {
+    for (int tt = first; tt < first + count; ++tt) {
+      float k[kCols];
+      load_floats(s.k + tt * l.key_pad + pos.col0, k);
+      advance(M, I, k, s.v[tt * l.rows + local_row], s.b[tt * l.rows + local_row], s.decay[tt]);
+    }
+  }
+
+  // Tokens [base, base + kHalf) of the chunk, backwards, from the state before token base.
+  // RM, RI: the adjoint reaching the state after the half's last token, decayed (a G of
+  // the next token); on return, that before the half's first token.
+  __device__ void backward_half(int base, const float (&start_M)[kCols], const float (&start_I)[kCols],
+                                float (&RM)[kCols], float (&RI)[kCols], float& grad_prior) const {
+    float hM[kHalf][kCols], hI[kHalf][kCols];  // the states after each token of the half
+#pragma unroll
+    for (int j = 0; j < kHalf; ++j) {
+      const int tt = base + j;
+      float k[kCols];
+      load_floats(s.k + tt * l.key_pad + pos.col0, k);
+      const float v = s.v[tt * l.rows + local_row], b = s.b[tt * l.rows + local_row], decay = s.decay[tt];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const float prev_M = j == 0 ? start_M[c] : hM[j - 1][c], prev_I = j == 0 ? start_I[c] : hI[j - 1][c];
+        hM[j][c] = fmaf(v, k[c], decay * prev_M);
+        hI[j][c] = fmaf(b, k[c] * k[c], decay * prev_I);
+      }
+    }
+#pragma unroll
+    for (int j = kHalf - 1; j >= 0; --j) {
+      const int tt = base + j;
+      float q[kCols], k[kCols];
+      load_floats(s.q + tt * l.key_pad + pos.col0, q);
+      load_floats(s.k + tt * l.key_pad + pos.col0, k);
+      const float v = s.v[tt * l.rows + local_row], b = s.b[tt * l.rows + local_row];
+      const float grad_o = s.grad_o[tt * l.rows + local_row], decay = s.decay[tt];  // grad_o carries the scale
+      float dv = 0.f, db = 0.f, dla = 0.f, dq[kCols], dk[kCols];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const float prev_M = j == 0 ? start_M[c] : hM[j - 1][c], prev_I = j == 0 ? start_I[c] : hI[j - 1][c];
+        const float r = __fdividef(1.f, hI[j][c] + prior);
+        const float mu = hM[j][c] * r;
+        const float dmu = grad_o * q[c];
+        const float gm = fmaf(dmu, r, RM[c]);
+        const float u = dmu * mu * r;  // -(the local part of G^I), also -(d prior)
+        const float gi = RI[c] - u;
+        grad_prior -= u;
+        dq[c] = mu * grad_o;
+        dk[c] = fmaf(gm, v, 2.f * k[c] * (gi * b));
+        dv = fmaf(gm, k[c], dv);
+        db = fmaf(gi, k[c] * k[c], db);
+        dla = fmaf(gm, prev_M, fmaf(gi, prev_I, dla));
+        RM[c] = decay * gm;
+        RI[c] = decay * gi;
+      }
+      dla *= decay;  // a reset (decay 0) gets exactly 0
+      dv = row_group_sum(dv, l.threads_per_row);
+      db = row_group_sum(db, l.threads_per_row);
+      dla = row_group_sum(dla, l.threads_per_row);
+      if (pos.lane_in_row == 0) {
+        s.dv[j * l.rows + local_row] = dv;
+        s.db[j * l.rows + local_row] = db;
+        atomicAdd(s.dla + j, dla);
+      }
+      // Rows of one warp, then of the block: the first row group of each warp adds its sums.
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        for (int offset = l.threads_per_row; offset < 32; offset *= 2) {
+          dq[c] += __shfl_xor_sync(0xffffffffu, dq[c], offset);
+          dk[c] += __shfl_xor_sync(0xffffffffu, dk[c], offset);
+        }
+      }
+      if (threadIdx.x % 32 < l.threads_per_row) {
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          atomicAdd(s.dq + j * l.key_pad + pos.col0 + c, dq[c]);
+          atomicAdd(s.dk + j * l.key_pad + pos.col0 + c, dk[c]);
+        }
+      }
+    }
+    __syncthreads();
+    flush_half(base);
+    __syncthreads();
+  }
+
+  // The half's sums to global memory, and the shared sums back to zero.
+  __device__ void flush_half(int base) const {
+    const int64_t len = a.seqlen, H = a.heads, dk = a.key_dim, dv = a.value_dim;
+    const int row0 = blockIdx.x * l.rows;
+    for (int idx = threadIdx.x; idx < kHalf * l.key_pad; idx += blockDim.x) {
+      const int j = idx / l.key_pad, col = idx % l.key_pad;
+      const int64_t t = t0 + base + j;
+      if (t < len && col < dk) {
+        const int64_t at = ((batch * len + t) * H + head) * dk + col;
+        atomicAdd(a.dq + at, s.dq[idx]);
+        atomicAdd(a.dk + at, s.dk[idx]);
+      }
+      s.dq[idx] = 0.f;
+      s.dk[idx] = 0.f;
+    }
+    for (int idx = threadIdx.x; idx < kHalf * l.rows; idx += blockDim.x) {
+      const int j = idx / l.rows, r = idx % l.rows;
+      const int64_t t = t0 + base + j;
+      if (t < len && row0 + r < dv) {
+        const int64_t at = ((batch * len + t) * H + head) * dv + row0 + r;
+        a.grad_v[at] = from_float<T>(s.dv[idx]);
+        a.grad_b[at] = from_float<T>(s.db[idx]);
+      }
+    }
+    if (threadIdx.x < kHalf) {
+      const int64_t t = t0 + base + threadIdx.x;
+      if (t < len) atomicAdd(a.grad_log_alpha + (batch * len + t) * H + head, s.dla[threadIdx.x]);
+      s.dla[threadIdx.x] = 0.f;
+    }
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads, 1) metaplastic_bwd_kernel(const __grid_constant__ BwdArgs<T> a,
+                                                                             const __grid_constant__ Layout l) {
+  extern __shared__ float smem[];
+  __shared__ float block_grad_prior;
+  const SharedTiles s = carve(smem, l);
+  const int64_t len = a.seqlen, H = a.heads, dk = a.key_dim, dv = a.value_dim, N = a.chunks;
+  const int64_t bh = blockIdx.y, batch = bh / H, head = bh % H;
+  const Position pos = thread_position(l, dv);
+  const int local_row = threadIdx.x / l.threads_per_row, row0 = blockIdx.x * l.rows;
+  const int64_t qk_base = (batch * len * H + head) * dk, v_base = (batch * len * H + head) * dv;
+  const int64_t state_base = (bh * dv + pos.row) * dk;
+
+  for (int idx = threadIdx.x; idx < kHalf * l.key_pad; idx += blockDim.x) s.dq[idx] = s.dk[idx] = 0.f;
+  if (threadIdx.x < kHalf) s.dla[threadIdx.x] = 0.f;
+  if (threadIdx.x == 0) block_grad_prior = 0.f;
+
+  auto load_state = [&](const float* M_src, const float* I_src, int64_t base, int64_t width, float (&M)[kCols],
+                        float (&I)[kCols]) {
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      const bool in = pos.row_valid && pos.col0 + c < width;
+      M[c] = in && M_src ? M_src[base + pos.col0 + c] : 0.f;
+      I[c] = in && I_src ? I_src[base + pos.col0 + c] : 0.f;
+    }
+  };
+  auto checkpoint_base = [&](int64_t n) { return ((bh * N + n) * dv + pos.row) * l.key_pad; };
+  auto stage = [&](int64_t t0, bool with_q) {
+    __syncthreads();  // the previous chunk's tiles are no longer read
+    if (with_q) load_tile(s.q, a.q + qk_base, t0, kChunk, len, H * dk, dk, 0, l.key_pad, 1.f);
+    load_tile(s.k, a.k + qk_base, t0, kChunk, len, H * dk, dk, 0, l.key_pad, 1.f);
+    load_tile(s.v, a.v + v_base, t0, kChunk, len, H * dv, dv, row0, l.rows, 1.f);
+    load_tile(s.b, a.b + v_base, t0, kChunk, len, H * dv, dv, row0, l.rows, 1.f);
+    if (with_q) load_tile(s.grad_o, a.grad_o + v_base, t0, kChunk, len, H * dv, dv, row0, l.rows, a.scale);
+    if (threadIdx.x < kChunk) {
+      const int64_t t = t0 + threadIdx.x;  // past T: decay 1 with zero inputs leaves everything as it is
+      s.decay[threadIdx.x] = t < len ? expf(a.log_alpha[(batch * len + t) * H + head]) : 1.f;
+    }
+    __syncthreads();
+  };
+
+  // 1. The entry state of every chunk.
+  float M[kCols], I[kCols];
+  load_state(a.M0, a.Ibar0, state_base, dk, M, I);
+  for (int64_t n = 0; n + 1 < N; ++n) {
+    stage(n * kChunk, false);
+    const Chunk<T> chunk{a, l, s, pos, local_row, batch, head, n * kChunk, 0.f};
+    chunk.advance_tokens(M, I, 0, kChunk);
+    if (pos.row_valid) {
+      const int64_t at = checkpoint_base(n + 1);
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        a.checkpoint_M[at + pos.col0 + c] = M[c];
+        a.checkpoint_I[at + pos.col0 + c] = I[c];
+      }
+    }
+  }
+
+  // 2. Backwards, chunk by chunk.
+  float RM[kCols], RI[kCols], grad_prior = 0.f;
+  load_state(a.grad_M, a.grad_Ibar, state_base, dk, RM, RI);
+  const float prior = a.prior[head];
+  for (int64_t n = N - 1; n >= 0; --n) {
+    stage(n * kChunk, true);
+    const Chunk<T> chunk{a, l, s, pos, local_row, batch, head, n * kChunk, prior};
+    float start_M[kCols], start_I[kCols];
+    const auto load_entry = [&] {
+      if (n == 0) {
+        load_state(a.M0, a.Ibar0, state_base, dk, start_M, start_I);
+      } else {
+        load_state(a.checkpoint_M, a.checkpoint_I, checkpoint_base(n), l.key_pad, start_M, start_I);
+      }
+    };
+    load_entry();
+    chunk.advance_tokens(start_M, start_I, 0, kHalf);
+    chunk.backward_half(kHalf, start_M, start_I, RM, RI, grad_prior);
+    load_entry();
+    chunk.backward_half(0, start_M, start_I, RM, RI, grad_prior);
+  }
+
+  // RM, RI now hold a_1 G_1: the gradient of the initial state.
+  if (pos.row_valid) {
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      if (pos.col0 + c < dk) {
+        a.grad_M0[state_base + pos.col0 + c] = RM[c];
+        a.grad_Ibar0[state_base + pos.col0 + c] = RI[c];
+      }
+    }
+  }
+  for (int offset = 16; offset > 0; offset /= 2) grad_prior += __shfl_xor_sync(0xffffffffu, grad_prior, offset);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) atomicAdd(&block_grad_prior, grad_prior);
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(a.grad_prior + head, block_grad_prior);
+}
+
+template <typename T>
+__global__ void to_element_kernel(const float* __restrict src, T* __restrict dst, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    dst[i] = from_float<T>(src[i]);
+  }
+}
+
+}  // namespace
+}  // namespace metaplastic
+
+size_t metaplastic_scan_bwd_workspace_bytes(const MetaplasticShape& p) {
+  return metaplastic::workspace_of(p).bytes();
+}
+
+void metaplastic_scan_bwd_cuda(const MetaplasticBwdParams& p, void* stream_ptr) {
+  using namespace metaplastic;
+  const auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const int64_t bh = p.batch * p.heads, rows_total = bh * p.seqlen;
+  CRAM_CUDA_CHECK(cudaMemsetAsync(p.grad_prior, 0, sizeof(float) * p.heads, stream));
+  if (bh == 0) return;
+  const Layout l = make_layout(p.key_dim, p.value_dim, kBwdThreads);
+  const Workspace w = workspace_of(p);
+  float* checkpoint_M = static_cast<float*>(p.workspace);
+  float* checkpoint_I = checkpoint_M + w.checkpoint_floats;
+  float* dq = checkpoint_I + w.checkpoint_floats;
+  float* dk = dq + w.dqk_floats;
+  const int64_t qk_elems = rows_total * p.key_dim;
+  CRAM_CUDA_CHECK(cudaMemsetAsync(dq, 0, sizeof(float) * 2 * w.dqk_floats, stream));
+  CRAM_CUDA_CHECK(cudaMemsetAsync(p.grad_log_alpha, 0, sizeof(float) * rows_total, stream));
+  const size_t smem = bwd_smem_bytes(l);
+  const dim3 grid(l.row_blocks, static_cast<unsigned>(bh));
+  dispatch_cuda_element_type(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    BwdArgs<T> a{};
+    a.grad_o = static_cast<const T*>(p.grad_o);
+    a.q = static_cast<const T*>(p.q);
+    a.k = static_cast<const T*>(p.k);
+    a.v = static_cast<const T*>(p.v);
+    a.b = static_cast<const T*>(p.b);
+    a.grad_M = static_cast<const float*>(p.grad_M);
+    a.grad_Ibar = static_cast<const float*>(p.grad_Ibar);
+    a.log_alpha = static_cast<const float*>(p.log_alpha);
+    a.prior = static_cast<const float*>(p.prior);
+    a.M0 = static_cast<const float*>(p.M0);
+    a.Ibar0 = static_cast<const float*>(p.Ibar0);
+    a.grad_v = static_cast<T*>(p.grad_v);
+    a.grad_b = static_cast<T*>(p.grad_b);
+    a.grad_log_alpha = static_cast<float*>(p.grad_log_alpha);
+    a.grad_prior = static_cast<float*>(p.grad_prior);
+    a.grad_M0 = static_cast<float*>(p.grad_M0);
+    a.grad_Ibar0 = static_cast<float*>(p.grad_Ibar0);
+    a.dq = dq;
+    a.dk = dk;
+    a.checkpoint_M = checkpoint_M;
+    a.checkpoint_I = checkpoint_I;
+    a.seqlen = p.seqlen;
+    a.heads = p.heads;
+    a.key_dim = p.key_dim;
+    a.value_dim = p.value_dim;
+    a.chunks = (p.seqlen + kChunk - 1) / kChunk;
+    a.scale = static_cast<float>(p.scale);
+    CRAM_CUDA_CHECK(cudaFuncSetAttribute(metaplastic_bwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem)));
+    metaplastic_bwd_kernel<T><<<grid, l.threads, smem, stream>>>(a, l);
+    CRAM_CUDA_CHECK(cudaGetLastError());
+    if (qk_elems > 0) {
+      const int threads = 256;
+      const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((qk_elems + threads - 1) / threads, 65535));
+      to_element_kernel<T><<<blocks, threads, 0, stream>>>(dq, static_cast<T*>(p.grad_q), qk_elems);
+      CRAM_CUDA_CHECK(cudaGetLastError());
+      to_element_kernel<T><<<blocks, threads, 0, stream>>>(dk, static_cast<T*>(p.grad_k), qk_elems);
+      CRAM_CUDA_CHECK(cudaGetLastError());
+    }
+  });
+}
+
+}  // namespace cram
