@@ -305,7 +305,7 @@ def gla_reference(
     (B, T, H), finite; state S_0 (B, H, d_v, d_k) or None. Returns o (B, T, H, d_v) in q.dtype
     and S_T (B, H, d_v, d_k) in the accumulation dtype. O(T^2) memory.
     """
-    acc = accumulate_dtype(q.dtype)
+    acc, out_dtype = accumulate_dtype(q.dtype), q.dtype
     B, T, H, dk = q.shape
     dv = v.shape[-1]
     scale = dk**-0.5 if scale is None else float(scale)
@@ -323,4 +323,4 @@ def gla_reference(
         final = S0 * G[:, -1, :, None, None].exp() + final if T else S0
     elif final is None:
         final = torch.zeros(B, H, dv, dk, dtype=acc, device=q.device)
-    return (scale * o).to(q.dtype), final
+    return (scale * o).to(out_dtype), final

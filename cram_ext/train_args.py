@@ -57,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--d-model", type=int, default=64)
     m.add_argument("--layers", type=int, default=1)
     m.add_argument("--heads", type=int, default=4)
-    m.add_argument("--working-memory", choices=["scan", "metaplastic", "none"], default="scan",
+    m.add_argument("--working-memory", choices=["scan", "metaplastic", "gla", "none"], default="scan",
                    help="--model cram: each block's working memory: the gated scan, the metaplastic memory "
-                        "(Palimpsa, docs/metaplastic.md; --heads heads), or none")
+                        "(Palimpsa, docs/metaplastic.md; --heads heads), the same layer as gated linear attention "
+                        "(no importance), or none")
     m.add_argument("--attention", choices=["routed", "sdpa"], default="routed",
                    help="--model transformer: RoutedAttention or dense scaled_dot_product_attention")
     m.add_argument("--positions", choices=["learned", "rope"], default="learned",

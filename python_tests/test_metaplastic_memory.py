@@ -60,7 +60,7 @@ def test_shapes_defaults_and_domain():
 def test_causal(s):
     """Changing the input at t >= s leaves every output before s as it was (bitwise), and no
     gradient flows from the outputs before s to the inputs at or after s."""
-    layer = _layer(chunk_size=8)
+    layer = _layer()
     B, T = 2, 32
     x, dt = torch.randn(B, T, E), torch.rand(B, T)
     x2, dt2 = x.clone(), dt.clone()
@@ -95,7 +95,7 @@ def _pieces(T, prefill, chunk=1):
 @pytest.mark.parametrize("chunk", [1, 3])
 @pytest.mark.parametrize("with_dt", [False, True])
 def test_decode_equals_full_forward(prefill, chunk, with_dt):
-    layer = _layer(chunk_size=4)
+    layer = _layer()
     B, T = 3, 14
     x = torch.randn(B, T, E)
     dt = torch.rand(B, T) * 2 if with_dt else None
@@ -118,7 +118,7 @@ def test_decode_equals_full_forward(prefill, chunk, with_dt):
 def test_h0_continues_a_sequence():
     """Without a convolution (conv_size=1) the scan state is the whole state: a forward from h0
     = the first part's final state continues the sequence."""
-    layer = _layer(conv_size=1, chunk_size=5)
+    layer = _layer(conv_size=1)
     x = torch.randn(2, 20, E)
     full = layer(x)
     first = layer(x[:, :8])
@@ -126,13 +126,42 @@ def test_h0_continues_a_sequence():
     assert_close_rel(torch.cat([first, second], 1), full, TOL)
 
 
-def test_chunk_size_does_not_matter():
-    layer = _layer()
-    x, dt = torch.randn(2, 37, E), torch.rand(2, 37)
-    ref = layer(x, dt)
-    for C in (1, 7, 16, 100):
-        layer.chunk_size = C
-        assert_close_rel(layer(x, dt), ref, TOL, f"chunk_size={C}")
+def test_matches_the_chunked_reference():
+    """The layer on the fused op equals the layer on the plain-PyTorch chunked reference
+    (forward and every parameter's gradient), metaplastic and GLA alike."""
+    from cram_ext.nn import metaplastic_memory as module
+    from cram_ext.reference_metaplastic import metaplastic_scan_chunked
+
+    def reference_scan(q, k, v, b, log_alpha, prior, state=None, scale=None):
+        o, st = metaplastic_scan_chunked(q, k, v, b, log_alpha, prior, state, scale, chunk_size=7)
+        return o, tuple(st)
+
+    for metaplastic in (True, False):
+        layer = _layer(metaplastic=metaplastic).double()
+        x, dt = torch.randn(2, 37, E, dtype=torch.float64), torch.rand(2, 37, dtype=torch.float64)
+        runs = []
+        for scan in (module.metaplastic_scan, reference_scan):
+            saved, module.metaplastic_scan = module.metaplastic_scan, scan
+            try:
+                layer.zero_grad()
+                y = layer(x, dt)
+                y.square().sum().backward()
+            finally:
+                module.metaplastic_scan = saved
+            runs.append((y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}))
+        (y, grads), (y_ref, grads_ref) = runs
+        assert_close_rel(y, y_ref, 1e-10)
+        assert grads.keys() == grads_ref.keys()
+        for name in grads:
+            assert_close_rel(grads[name], grads_ref[name], 1e-9, name)
+
+
+def test_gla_mode_has_no_importance():
+    layer = MetaplasticMemory(E, H, metaplastic=False)
+    assert not layer.prior_raw.requires_grad and torch.allclose(layer.prior, torch.ones(H))
+    layer(torch.randn(2, 9, E))
+    assert not layer.last_state.Ibar.any(), "b = 0: no importance is written"
+    assert layer.last_state.M.abs().sum() > 0
 
 
 def test_gradients_reach_every_parameter():
@@ -145,7 +174,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_gradcheck_float64():
-    layer = MetaplasticMemory(8, 2, key_dim=3, value_dim=4, beta_rank=2, chunk_size=3).double()
+    layer = MetaplasticMemory(8, 2, key_dim=3, value_dim=4, beta_rank=2).double()
     x, dt = torch.randn(1, 7, 8, dtype=torch.float64, requires_grad=True), torch.rand(1, 7, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda x: layer(x, dt), (x,))
 
@@ -170,17 +199,17 @@ def test_dt_scales_the_decay():
     seen = {}
     import cram_ext.nn.metaplastic_memory as mm
 
-    orig = mm.metaplastic_scan_chunked
+    orig = mm.metaplastic_scan
 
     def spy(q, k, v, b, log_alpha, prior, state=None, **kw):
         seen.update(k=k, v=v, log_alpha=log_alpha)
         return orig(q, k, v, b, log_alpha, prior, state, **kw)
 
-    mm.metaplastic_scan_chunked = spy
+    mm.metaplastic_scan = spy
     try:
         layer(x, torch.zeros(B, T))
     finally:
-        mm.metaplastic_scan_chunked = orig
+        mm.metaplastic_scan = orig
     assert (seen["log_alpha"] == 0).all()
     M = torch.einsum("bthe,bthd->bhed", seen["v"].float(), seen["k"].float())
     assert_close_rel(layer.last_state.M, M, TOL, "M with dt = 0")
@@ -193,17 +222,17 @@ def test_gates_are_in_their_domains():
 
     layer = _layer()
     seen = {}
-    orig = mm.metaplastic_scan_chunked
+    orig = mm.metaplastic_scan
 
     def spy(q, k, v, b, log_alpha, prior, state=None, **kw):
         seen.update(q=q, k=k, b=b, log_alpha=log_alpha, prior=prior)
         return orig(q, k, v, b, log_alpha, prior, state, **kw)
 
-    mm.metaplastic_scan_chunked = spy
+    mm.metaplastic_scan = spy
     try:
         layer(torch.randn(2, 13, E) * 3)
     finally:
-        mm.metaplastic_scan_chunked = orig
+        mm.metaplastic_scan = orig
     assert ((seen["b"] > 0) & (seen["b"] < 1)).all()
     assert (seen["log_alpha"] < 0).all() and (seen["prior"] > 0).all() and seen["prior"].shape == (H,)
     for name in "qk":

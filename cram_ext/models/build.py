@@ -13,7 +13,7 @@ from .cram import CRAMConfig, CRAMModel
 from .transformer import TransformerConfig, TransformerLM
 
 MODELS = {"cram": (CRAMConfig, CRAMModel), "transformer": (TransformerConfig, TransformerLM)}  # --model
-WORKING_MEMORY = {"scan": "scan", "metaplastic": "metaplastic", "none": None}  # --working-memory -> CRAMConfig.memory
+WORKING_MEMORY = {"scan": "scan", "metaplastic": "metaplastic", "gla": "gla", "none": None}  # --working-memory -> CRAMConfig.memory
 
 
 def build_model(args: argparse.Namespace, shape: dict[str, Any], routed: dict[str, Any]) -> tuple[nn.Module, dict]:

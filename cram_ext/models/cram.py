@@ -12,7 +12,7 @@ from ..generation import GenerateOutput, RolloutOutput, generate, rollout
 from ..nn import BlockCache, MetaplasticMemory, ModelCache, RoutedAttention, WorkingMemory
 from ..nn.padding import as_bool_mask
 
-MEMORIES = ("scan", "metaplastic", None)  # CRAMConfig.memory
+MEMORIES = ("scan", "metaplastic", "gla", None)  # CRAMConfig.memory
 
 
 @dataclass
@@ -25,7 +25,8 @@ class CRAMConfig:
 
     `memory` is each block's working memory: "scan" (WorkingMemory, the gated scan, of
     `state_dim` channels), "metaplastic" (MetaplasticMemory with `num_heads` heads and its
-    default dims; `state_dim` unused) or None (no working memory). A config without the key
+    default dims; `state_dim` unused), "gla" (the same layer without the importance: gated
+    linear attention, the metaplastic memory's special case) or None (no working memory). A config without the key
     (config.json of runs from before it existed) means "scan".
     """
 
@@ -66,7 +67,7 @@ class CRAMBlock(nn.Module):
             if cfg.memory == "scan":
                 self.memory = WorkingMemory(d, cfg.state_dim)
             else:
-                self.memory = MetaplasticMemory(d, cfg.num_heads)
+                self.memory = MetaplasticMemory(d, cfg.num_heads, metaplastic=cfg.memory == "metaplastic")
         self.attn = RoutedAttention(d, cfg.num_heads, cfg.num_kv_heads, **cfg.routed)
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
 

@@ -1,5 +1,5 @@
 """MetaplasticMemory: a working memory whose matrix state carries a per-entry importance
-(Palimpsa, arXiv 2602.09075), built on the references of cram_ext.reference_metaplastic."""
+(Palimpsa, arXiv 2602.09075), on the fused cram.metaplastic_scan op."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import metaplastic_scan, metaplastic_step
 from ..reference import accumulate_dtype
-from ..reference_metaplastic import MetaplasticState, metaplastic_scan_chunked, metaplastic_step
+from ..reference_metaplastic import MetaplasticState
 from .cache import compute_dtype, initial_state
 
 __all__ = ["MetaplasticCache", "MetaplasticMemory"]
@@ -79,8 +80,8 @@ class MetaplasticMemory(nn.Module):
 
     i.e. the paper's mean mu = M / I and importance I = Ibar + I_p,
     I_t = a_t I_{t-1} + (1 - a_t) I_p + beta_t k_t^2, mu_t = a_t (I_{t-1} / I_t) mu_{t-1} + (beta_t v_t) k_t^T / I_t.
-    Computed by `metaplastic_scan_chunked` (a sequence) and `metaplastic_step` (one decoded
-    token), the plain-PyTorch references the fused ops will replace.
+    Computed by the fused ops `cram_ext.metaplastic_scan` (a sequence) and `metaplastic_step`
+    (one decoded token, in place in the cache).
 
     The layer around it, after the authors' (PALIMPSA.md §1):
         q, k, v = SiLU(causal depthwise conv_K(W_q x, W_k x, W_v x))   (K = conv_size, 4)
@@ -106,7 +107,9 @@ class MetaplasticMemory(nn.Module):
         conv_size: K, the short convolution's taps (1 = none).
         learn_prior: False keeps I_p at `prior_init` (the authors' choice).
         prior_init: I_p at initialisation.
-        chunk_size: the chunked scan's chunk length (the result does not depend on it).
+        metaplastic: False drops the importance (b = 0, I_p = 1 fixed): the same layer around
+            scalar-decay gated linear attention (GLA / Mamba2's SSD), the special case the
+            metaplastic memory is compared with at the same parametrisation.
         norm_eps: the RMSNorm's epsilon.
 
     forward(x, dt=None, h0=None): dt (B, T) holds the time gaps of irregularly sampled inputs
@@ -122,7 +125,7 @@ class MetaplasticMemory(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int = 4, head_dim: int | None = None, *,
                  key_dim: int | None = None, value_dim: int | None = None, beta_rank: int = 8, conv_size: int = 4,
-                 learn_prior: bool = True, prior_init: float = 1.0, chunk_size: int = 64,
+                 learn_prior: bool = True, prior_init: float = 1.0, metaplastic: bool = True,
                  norm_eps: float = 1e-5) -> None:
         super().__init__()
         if head_dim is None:
@@ -133,10 +136,11 @@ class MetaplasticMemory(nn.Module):
         self.num_heads = H = num_heads
         self.key_dim = dk = head_dim if key_dim is None else key_dim
         self.value_dim = dv = 2 * head_dim if value_dim is None else value_dim
-        if min(dk, dv, beta_rank, conv_size, chunk_size) < 1 or prior_init <= 0:
-            raise ValueError("MetaplasticMemory: dims, beta_rank, conv_size and chunk_size must be >= 1 and "
-                             "prior_init > 0")
-        self.conv_size, self.chunk_size, self.norm_eps = conv_size, chunk_size, norm_eps
+        if min(dk, dv, beta_rank, conv_size) < 1 or prior_init <= 0:
+            raise ValueError("MetaplasticMemory: dims, beta_rank and conv_size must be >= 1 and prior_init > 0")
+        if not metaplastic:
+            learn_prior, prior_init = False, 1.0
+        self.conv_size, self.metaplastic, self.norm_eps = conv_size, metaplastic, norm_eps
         channels = H * (2 * dk + dv)
         self.qkv = nn.Linear(embed_dim, channels, bias=False)
         self.conv = nn.Conv1d(channels, channels, conv_size, groups=channels, bias=False)  # applied causally
@@ -190,13 +194,15 @@ class MetaplasticMemory(nn.Module):
             B, T, H, dv)
         beta = beta.to(v.dtype)
         prior = self.prior.to(acc)
-        if cache is not None and T == 1:
-            o, state = metaplastic_step(q[:, 0], k[:, 0], beta[:, 0] * v[:, 0], beta[:, 0], log_alpha[:, 0], prior,
-                                        h0)
-            o = o.unsqueeze(1)
+        b = beta if self.metaplastic else torch.zeros_like(beta)
+        stepped = cache is not None and T == 1 and not torch.is_grad_enabled()
+        if stepped:  # the cache's state is updated in place
+            o = metaplastic_step(q[:, 0], k[:, 0], beta[:, 0] * v[:, 0], b[:, 0], log_alpha[:, 0], prior,
+                                 (cache.M, cache.Ibar)).unsqueeze(1)
+            state = cache.state
         else:
-            o, state = metaplastic_scan_chunked(q, k, beta * v, beta, log_alpha, prior, h0,
-                                                chunk_size=self.chunk_size)
+            o, state = metaplastic_scan(q, k, beta * v, b, log_alpha, prior, h0)
+            state = MetaplasticState(*state)
         self.last_state = state
         o = o + self.D.to(v.dtype)[:, None] * v
         # Gated RMSNorm over each head's d_v channels, in float32 (float64).
@@ -207,8 +213,9 @@ class MetaplasticMemory(nn.Module):
         if cache is None:
             return y
         # In place: the buffers keep their addresses across steps (CUDA graphs).
-        cache.M.copy_(state.M)
-        cache.Ibar.copy_(state.Ibar)
+        if not stepped:
+            cache.M.copy_(state.M)
+            cache.Ibar.copy_(state.Ibar)
         cache.conv.copy_(tail)
         cache.position += T
         return y, cache
@@ -226,4 +233,4 @@ class MetaplasticMemory(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
-                f"conv_size={self.conv_size}, chunk_size={self.chunk_size}")
+                f"conv_size={self.conv_size}, metaplastic={self.metaplastic}")
