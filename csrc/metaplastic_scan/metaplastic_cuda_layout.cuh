@@ -5,7 +5,8 @@
 // registers: the updates are elementwise, and the read-out divides entry by entry, so no
 // product form exists (docs/metaplastic.md §3). The threads of one row ("row group",
 // threads_per_row consecutive lanes, a power of two) cover d_k; a block holds `rows` rows
-// of one (batch, head), and blockIdx.x picks which slice of the d_v rows.
+// of one (batch, head): block x is row slice x % row_blocks of (batch, head) x / row_blocks
+// (one grid dimension: B * H may pass the 65535 of the others).
 //   - Sums over key columns (the read-out o_i, dv_i, db_i) are shuffles inside a row group.
 //   - Sums over value rows (dq_j, dk_j) cross row groups, warps and blocks.
 // The time loop is sequential in every block: B * H * ceil(d_v / rows) blocks make the
@@ -77,6 +78,9 @@ __device__ __forceinline__ float row_group_sum(float x, int threads_per_row) {
   return x;
 }
 
+__device__ __forceinline__ int row_block(const Layout& l) { return static_cast<int>(blockIdx.x % l.row_blocks); }
+__device__ __forceinline__ int64_t batch_head(const Layout& l) { return blockIdx.x / l.row_blocks; }
+
 // Where this thread sits: its value row (may be >= d_v in the last row block: such a thread
 // computes on zeros and writes nothing), its first key column, its lane in the row group.
 struct Position {
@@ -88,7 +92,7 @@ __device__ __forceinline__ Position thread_position(const Layout& l, int64_t val
   Position p;
   p.lane_in_row = threadIdx.x % l.threads_per_row;
   const int local_row = threadIdx.x / l.threads_per_row;
-  p.row = blockIdx.x * l.rows + local_row;
+  p.row = row_block(l) * l.rows + local_row;
   p.col0 = p.lane_in_row * kCols;
   p.row_valid = p.row < value_dim;
   return p;

@@ -54,8 +54,9 @@ Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   if (q.is_cuda()) {
     TORCH_CHECK_VALUE(d.dk <= kMaxCudaHeadDim, "q: d_k must be at most ", kMaxCudaHeadDim, " on CUDA, got ", d.dk);
     TORCH_CHECK_VALUE(d.dv <= kMaxCudaHeadDim, "v: d_v must be at most ", kMaxCudaHeadDim, " on CUDA, got ", d.dv);
-    TORCH_CHECK_VALUE(d.B * d.H <= INT32_MAX && d.T <= INT32_MAX, "q: B*H and T must fit in int32 on CUDA, got ",
-                      q.sizes());
+    // A block per (batch, head, slice of at most 128 value rows), in one grid dimension.
+    TORCH_CHECK_VALUE(d.B * d.H <= (INT32_MAX >> 7) && d.T <= INT32_MAX,
+                      "q: B*H must be at most 2**24 and T fit in int32 on CUDA, got ", q.sizes());
   }
   return d;
 }

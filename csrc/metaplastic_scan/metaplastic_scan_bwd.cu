@@ -208,7 +208,7 @@ struct Chunk {
   // The half's sums to global memory, and the shared sums back to zero.
   __device__ void flush_half(int base) const {
     const int64_t len = a.seqlen, H = a.heads, dk = a.key_dim, dv = a.value_dim;
-    const int row0 = blockIdx.x * l.rows;
+    const int row0 = row_block(l) * l.rows;
     for (int idx = threadIdx.x; idx < kHalf * l.key_pad; idx += blockDim.x) {
       const int j = idx / l.key_pad, col = idx % l.key_pad;
       const int64_t t = t0 + base + j;
@@ -244,9 +244,9 @@ __global__ void __launch_bounds__(kBwdThreads, 1) metaplastic_bwd_kernel(const _
   __shared__ float block_grad_prior;
   const SharedTiles s = carve(smem, l);
   const int64_t len = a.seqlen, H = a.heads, dk = a.key_dim, dv = a.value_dim, N = a.chunks;
-  const int64_t bh = blockIdx.y, batch = bh / H, head = bh % H;
+  const int64_t bh = batch_head(l), batch = bh / H, head = bh % H;
   const Position pos = thread_position(l, dv);
-  const int local_row = threadIdx.x / l.threads_per_row, row0 = blockIdx.x * l.rows;
+  const int local_row = threadIdx.x / l.threads_per_row, row0 = row_block(l) * l.rows;
   const int64_t qk_base = (batch * len * H + head) * dk, v_base = (batch * len * H + head) * dv;
   const int64_t state_base = (bh * dv + pos.row) * dk;
 
@@ -365,7 +365,7 @@ void metaplastic_scan_bwd_cuda(const MetaplasticBwdParams& p, void* stream_ptr) 
   CRAM_CUDA_CHECK(cudaMemsetAsync(dq, 0, sizeof(float) * 2 * w.dqk_floats, stream));
   CRAM_CUDA_CHECK(cudaMemsetAsync(p.grad_log_alpha, 0, sizeof(float) * rows_total, stream));
   const size_t smem = bwd_smem_bytes(l);
-  const dim3 grid(l.row_blocks, static_cast<unsigned>(bh));
+  const dim3 grid(static_cast<unsigned>(l.row_blocks * bh));
   dispatch_cuda_element_type(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     BwdArgs<T> a{};

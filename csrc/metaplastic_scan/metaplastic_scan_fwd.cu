@@ -53,9 +53,9 @@ __global__ void __launch_bounds__(kFwdThreads) metaplastic_fwd_kernel(const __gr
   float* decay_s = o_s + kFwdTile * l.rows;  // [tile]
 
   const int64_t len = a.seqlen, H = a.heads, dk = a.key_dim, dv = a.value_dim;
-  const int64_t bh = blockIdx.y, batch = bh / H, head = bh % H;
+  const int64_t bh = batch_head(l), batch = bh / H, head = bh % H;
   const Position pos = thread_position(l, dv);
-  const int local_row = threadIdx.x / l.threads_per_row, row0 = blockIdx.x * l.rows;
+  const int local_row = threadIdx.x / l.threads_per_row, row0 = row_block(l) * l.rows;
   const float prior = a.prior[head];
 
   float M[kCols], I[kCols];
@@ -117,7 +117,7 @@ template <typename T>
 __global__ void __launch_bounds__(kFwdThreads) metaplastic_step_kernel(const __grid_constant__ FwdArgs<T> a,
                                                                           const __grid_constant__ Layout l) {
   const int64_t H = a.heads, dk = a.key_dim, dv = a.value_dim;
-  const int64_t bh = blockIdx.y, head = bh % H;
+  const int64_t bh = batch_head(l), head = bh % H;
   const Position pos = thread_position(l, dv);
   const float prior = a.prior[head];
   const int64_t state_base = (bh * dv + pos.row) * dk;
@@ -167,7 +167,7 @@ void metaplastic_scan_fwd_cuda(const MetaplasticParams& p, void* stream) {
   using namespace metaplastic;
   if (p.batch == 0 || p.heads == 0) return;
   const Layout l = make_layout(p.key_dim, p.value_dim, kFwdThreads);
-  const dim3 grid(l.row_blocks, static_cast<unsigned>(p.batch * p.heads));
+  const dim3 grid(static_cast<unsigned>(l.row_blocks * p.batch * p.heads));
   const size_t smem = fwd_smem_bytes(l);
   dispatch_cuda_element_type(p.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -186,7 +186,7 @@ void metaplastic_step_cuda(const MetaplasticStepParams& p, void* stream) {
   using namespace metaplastic;
   if (p.batch == 0 || p.heads == 0) return;
   const Layout l = make_layout(p.key_dim, p.value_dim, kFwdThreads);
-  const dim3 grid(l.row_blocks, static_cast<unsigned>(p.batch * p.heads));
+  const dim3 grid(static_cast<unsigned>(l.row_blocks * p.batch * p.heads));
   dispatch_cuda_element_type(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     FwdArgs<T> a = fwd_args<T>(p);
