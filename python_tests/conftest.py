@@ -90,8 +90,8 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float
     noise, whose size relative to 0 means nothing. NaN anywhere gives NaN, which fails
     every `<= tol` comparison.
     """
-    out = out.detach().to(torch.float64)
-    ref = ref.detach().to(torch.float64)
+    out = out.detach().to("cpu", torch.float64)  # a CUDA result may be checked against a CPU reference
+    ref = ref.detach().to("cpu", torch.float64)
     assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     num = torch.linalg.vector_norm(out - ref).item()
     den = max(torch.linalg.vector_norm(ref).item(), floor)

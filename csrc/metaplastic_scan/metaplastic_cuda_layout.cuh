@@ -98,18 +98,51 @@ __device__ __forceinline__ Position thread_position(const Layout& l, int64_t val
   return p;
 }
 
-// Loads `tokens` tokens of a (B, T, H, D) tensor from token t0 on, for one (b, h), into a
-// float tile [tokens][pad] of shared memory: columns [col_begin, col_begin + pad), zeros past
-// D or T.
-template <typename T>
-__device__ __forceinline__ void load_tile(float* tile, const T* src, int64_t t0, int tokens, int64_t seqlen,
-                                          int64_t token_stride, int64_t dim, int col_begin, int pad, float mul) {
-  for (int idx = threadIdx.x; idx < tokens * pad; idx += blockDim.x) {
-    const int tt = idx / pad, c = idx % pad;
+// A tile of a (B, T, H, D) tensor for one (b, h): `tokens` tokens from token t0 on, columns
+// [col_begin, col_begin + pad) (zeros past D or T), bound for a float tile [tile_tokens][pad] of
+// shared memory. issue() starts the thread's first kPer loads into registers, store() converts
+// and writes them (and loads the rest, if any, one by one): the loads of every tile issued
+// between the two are in flight together, and a kernel that issues the next tile before
+// computing on the current one hides their latency entirely.
+template <typename T, int kPer>
+struct TileLoad {
+  T raw[kPer];
+  const T* src;
+  int64_t t0, seqlen, token_stride, dim;
+  int tokens, col_begin, pad;
+
+  __device__ __forceinline__ bool at(int idx, int64_t& offset) const {
+    const int tt = idx / pad, c = idx - tt * pad;
     const int64_t t = t0 + tt, col = col_begin + c;
-    tile[idx] = (t < seqlen && col < dim) ? mul * to_float(src[t * token_stride + col]) : 0.f;
+    offset = t * token_stride + col;
+    return idx < tokens * pad && t < seqlen && col < dim;
   }
-}
+
+  __device__ __forceinline__ void issue(const T* src_, int64_t t0_, int tokens_, int64_t seqlen_,
+                                        int64_t token_stride_, int64_t dim_, int col_begin_, int pad_) {
+    src = src_, t0 = t0_, seqlen = seqlen_, token_stride = token_stride_, dim = dim_;
+    tokens = tokens_, col_begin = col_begin_, pad = pad_;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      int64_t offset;
+      raw[i] = at(threadIdx.x + i * blockDim.x, offset) ? src[offset] : from_float<T>(0.f);
+    }
+  }
+
+  // Fills all tile_tokens rows of the tile: zeros after the `tokens` loaded.
+  __device__ __forceinline__ void store(float* tile, int tile_tokens, float mul) const {
+    const int n = tile_tokens * pad;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int idx = threadIdx.x + i * blockDim.x;
+      if (idx < n) tile[idx] = mul * to_float(raw[i]);  // raw is 0 where nothing was loaded
+    }
+    for (int idx = threadIdx.x + kPer * blockDim.x; idx < n; idx += blockDim.x) {
+      int64_t offset;
+      tile[idx] = at(idx, offset) ? mul * to_float(src[offset]) : 0.f;
+    }
+  }
+};
 
 }  // namespace metaplastic
 }  // namespace cram

@@ -32,6 +32,9 @@ namespace {
 constexpr int kBwdThreads = 256;
 constexpr int kHalf = 16;
 constexpr int kChunk = 2 * kHalf;
+// Loads a thread issues at once: a chunk of q or k has 32 * 4 * threads_per_row elements, one of
+// v, b or grad_o 32 * rows (threads / threads_per_row); more (d_k <= 16) are loaded after, one by one.
+constexpr int kKeyLoads = 16, kValueLoads = 4;
 
 template <typename T>
 struct BwdArgs {
@@ -264,17 +267,25 @@ __global__ void __launch_bounds__(kBwdThreads, 1) metaplastic_bwd_kernel(const _
     }
   };
   auto checkpoint_base = [&](int64_t n) { return ((bh * N + n) * dv + pos.row) * l.key_pad; };
+  // A chunk's inputs to shared memory, every load of them in flight at once.
   auto stage = [&](int64_t t0, bool with_q) {
+    const int tokens = static_cast<int>(min(static_cast<int64_t>(kChunk), len - t0));
+    TileLoad<T, kKeyLoads> load_q, load_k;
+    TileLoad<T, kValueLoads> load_v, load_b, load_grad_o;
+    if (with_q) load_q.issue(a.q + qk_base, t0, tokens, len, H * dk, dk, 0, l.key_pad);
+    load_k.issue(a.k + qk_base, t0, tokens, len, H * dk, dk, 0, l.key_pad);
+    load_v.issue(a.v + v_base, t0, tokens, len, H * dv, dv, row0, l.rows);
+    load_b.issue(a.b + v_base, t0, tokens, len, H * dv, dv, row0, l.rows);
+    if (with_q) load_grad_o.issue(a.grad_o + v_base, t0, tokens, len, H * dv, dv, row0, l.rows);
+    const float log_alpha = threadIdx.x < tokens ? a.log_alpha[(batch * len + t0 + threadIdx.x) * H + head] : 0.f;
     __syncthreads();  // the previous chunk's tiles are no longer read
-    if (with_q) load_tile(s.q, a.q + qk_base, t0, kChunk, len, H * dk, dk, 0, l.key_pad, 1.f);
-    load_tile(s.k, a.k + qk_base, t0, kChunk, len, H * dk, dk, 0, l.key_pad, 1.f);
-    load_tile(s.v, a.v + v_base, t0, kChunk, len, H * dv, dv, row0, l.rows, 1.f);
-    load_tile(s.b, a.b + v_base, t0, kChunk, len, H * dv, dv, row0, l.rows, 1.f);
-    if (with_q) load_tile(s.grad_o, a.grad_o + v_base, t0, kChunk, len, H * dv, dv, row0, l.rows, a.scale);
-    if (threadIdx.x < kChunk) {
-      const int64_t t = t0 + threadIdx.x;  // past T: decay 1 with zero inputs leaves everything as it is
-      s.decay[threadIdx.x] = t < len ? expf(a.log_alpha[(batch * len + t) * H + head]) : 1.f;
-    }
+    // A partial last chunk: its tiles are zero past the end, and decay 1 there leaves everything as it is.
+    if (with_q) load_q.store(s.q, kChunk, 1.f);
+    load_k.store(s.k, kChunk, 1.f);
+    load_v.store(s.v, kChunk, 1.f);
+    load_b.store(s.b, kChunk, 1.f);
+    if (with_q) load_grad_o.store(s.grad_o, kChunk, a.scale);
+    if (threadIdx.x < kChunk) s.decay[threadIdx.x] = threadIdx.x < tokens ? expf(log_alpha) : 1.f;
     __syncthreads();
   };
 

@@ -19,6 +19,9 @@ namespace {
 
 constexpr int kFwdThreads = 128;  // fewer rows a block: more blocks for small B * H
 constexpr int kFwdTile = 16;      // tokens staged at once
+// Loads a thread keeps in flight: a tile of q or k has 16 * 4 * threads_per_row elements, one of v
+// or b 16 * rows (threads / threads_per_row); more (d_k <= 8) are loaded after, one by one.
+constexpr int kKeyLoads = 16, kValueLoads = 4;
 
 template <typename T>
 struct FwdArgs {
@@ -38,7 +41,7 @@ struct FwdArgs {
 };
 
 size_t fwd_smem_bytes(const Layout& l) {
-  return sizeof(float) * (2 * kFwdTile * l.key_pad + 3 * kFwdTile * l.rows + kFwdTile);
+  return sizeof(float) * (2 * kFwdTile * l.key_pad + 2 * kFwdTile * l.rows + kFwdTile + kFwdTile * l.threads);
 }
 
 template <typename T>
@@ -49,8 +52,8 @@ __global__ void __launch_bounds__(kFwdThreads) metaplastic_fwd_kernel(const __gr
   float* k_s = q_s + kFwdTile * l.key_pad;   // [tile][key_pad]
   float* v_s = k_s + kFwdTile * l.key_pad;   // [tile][rows]
   float* b_s = v_s + kFwdTile * l.rows;      // [tile][rows]
-  float* o_s = b_s + kFwdTile * l.rows;      // [tile][rows]
-  float* decay_s = o_s + kFwdTile * l.rows;  // [tile]
+  float* decay_s = b_s + kFwdTile * l.rows;  // [tile]
+  float* o_part = decay_s + kFwdTile;        // [tile][threads]: each thread's part of o
 
   const int64_t len = a.seqlen, H = a.heads, dk = a.key_dim, dv = a.value_dim;
   const int64_t bh = batch_head(l), batch = bh / H, head = bh % H;
@@ -68,17 +71,32 @@ __global__ void __launch_bounds__(kFwdThreads) metaplastic_fwd_kernel(const __gr
   }
 
   const int64_t qk_base = (batch * len * H + head) * dk, v_base = (batch * len * H + head) * dv;
+  TileLoad<T, kKeyLoads> load_q, load_k;
+  TileLoad<T, kValueLoads> load_v, load_b;
+  float next_log_alpha = 0.f;
+  const auto issue = [&](int64_t t0) {
+    const int tokens = static_cast<int>(min(static_cast<int64_t>(kFwdTile), len - t0));
+    load_q.issue(a.q + qk_base, t0, tokens, len, H * dk, dk, 0, l.key_pad);
+    load_k.issue(a.k + qk_base, t0, tokens, len, H * dk, dk, 0, l.key_pad);
+    load_v.issue(a.v + v_base, t0, tokens, len, H * dv, dv, row0, l.rows);
+    load_b.issue(a.b + v_base, t0, tokens, len, H * dv, dv, row0, l.rows);
+    if (threadIdx.x < tokens) next_log_alpha = a.log_alpha[(batch * len + t0 + threadIdx.x) * H + head];
+  };
+  if (len > 0) issue(0);
   for (int64_t t0 = 0; t0 < len; t0 += kFwdTile) {
     const int tokens = static_cast<int>(min(static_cast<int64_t>(kFwdTile), len - t0));
-    __syncthreads();  // the previous tile is written out
-    load_tile(q_s, a.q + qk_base, t0, kFwdTile, len, H * dk, dk, 0, l.key_pad, 1.f);
-    load_tile(k_s, a.k + qk_base, t0, kFwdTile, len, H * dk, dk, 0, l.key_pad, 1.f);
-    load_tile(v_s, a.v + v_base, t0, kFwdTile, len, H * dv, dv, row0, l.rows, 1.f);
-    load_tile(b_s, a.b + v_base, t0, kFwdTile, len, H * dv, dv, row0, l.rows, 1.f);
-    if (threadIdx.x < tokens) decay_s[threadIdx.x] = expf(a.log_alpha[(batch * len + t0 + threadIdx.x) * H + head]);
+    __syncthreads();  // the previous tile's shared memory is no longer read
+    load_q.store(q_s, kFwdTile, 1.f);
+    load_k.store(k_s, kFwdTile, 1.f);
+    load_v.store(v_s, kFwdTile, 1.f);
+    load_b.store(b_s, kFwdTile, 1.f);
+    // Past the end: decay 1 and zero inputs leave the state as it is.
+    if (threadIdx.x < kFwdTile) decay_s[threadIdx.x] = threadIdx.x < tokens ? expf(next_log_alpha) : 1.f;
     __syncthreads();
+    if (t0 + kFwdTile < len) issue(t0 + kFwdTile);  // in flight while this tile computes
 
-    for (int tt = 0; tt < tokens; ++tt) {
+#pragma unroll
+    for (int tt = 0; tt < kFwdTile; ++tt) {
       float q[kCols], k[kCols];
       load_floats(q_s + tt * l.key_pad + pos.col0, q);
       load_floats(k_s + tt * l.key_pad + pos.col0, k);
@@ -91,13 +109,15 @@ __global__ void __launch_bounds__(kFwdThreads) metaplastic_fwd_kernel(const __gr
         I[c] = fmaf(b, k[c] * k[c], decay * I[c]);
         o = fmaf(__fdividef(M[c], I[c] + prior), q[c], o);
       }
-      o = row_group_sum(o, l.threads_per_row);
-      if (pos.lane_in_row == 0) o_s[tt * l.rows + local_row] = a.scale * o;
+      o_part[tt * blockDim.x + threadIdx.x] = o;  // summed over the row group after the tile
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < tokens * l.rows; idx += blockDim.x) {
       const int tt = idx / l.rows, r = idx % l.rows;
-      if (row0 + r < dv) a.o[v_base + (t0 + tt) * H * dv + row0 + r] = from_float<T>(o_s[idx]);
+      const float* part = o_part + tt * blockDim.x + r * l.threads_per_row;
+      float o = 0.f;
+      for (int j = 0; j < l.threads_per_row; ++j) o += part[(j + r) % l.threads_per_row];  // rotated: fewer bank conflicts
+      if (row0 + r < dv) a.o[v_base + (t0 + tt) * H * dv + row0 + r] = from_float<T>(a.scale * o);
     }
   }
 
