@@ -70,21 +70,35 @@ struct Workspace {
 
 size_t round_up4(size_t n) { return (n + 3) / 4 * 4; }
 
+size_t bwd_smem_bytes(const Layout& l);
+
+// 256 threads, or 128 where the per-warp sums of 256 do not fit the device's shared memory
+// (d_k > 64 on GPUs with less than Hopper's 227 KB).
+Layout bwd_layout(const MetaplasticShape& p) {
+  int device = 0, limit = 0;
+  CRAM_CUDA_CHECK(cudaGetDevice(&device));
+  CRAM_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const Layout wide = make_layout(p.key_dim, p.value_dim, kBwdThreads);
+  return bwd_smem_bytes(wide) <= static_cast<size_t>(limit) ? wide : make_layout(p.key_dim, p.value_dim, kBwdThreads / 2);
+}
+
 Workspace workspace_of(const MetaplasticShape& p) {
-  const Layout l = make_layout(p.key_dim, p.value_dim, kBwdThreads);
+  const Layout l = bwd_layout(p);
   const size_t chunks = static_cast<size_t>((p.seqlen + kChunk - 1) / kChunk);
   return {round_up4(static_cast<size_t>(p.batch * p.heads) * chunks * p.value_dim * l.key_pad),
           round_up4(static_cast<size_t>(p.batch * p.seqlen * p.heads * p.key_dim))};
 }
 
 size_t bwd_smem_bytes(const Layout& l) {
-  return sizeof(float) * (2 * kChunk * l.key_pad + 3 * kChunk * l.rows + kChunk    // inputs of a chunk
-                          + 2 * kHalf * l.key_pad + 2 * kHalf * l.rows + kHalf);  // sums of a half
+  const int warps = l.threads / 32;
+  return sizeof(float) * (2 * kChunk * l.key_pad + 3 * kChunk * l.rows + kChunk  // inputs of a chunk
+                          + 2 * warps * kHalf * l.key_pad + 3 * kHalf * l.rows);  // parts of a half's sums
 }
 
 struct SharedTiles {
   float *q, *k, *v, *b, *grad_o, *decay;  // a chunk's inputs: [kChunk][key_pad] or [kChunk][rows]
-  float *dq, *dk, *dv, *db, *dla;         // a half's sums: [kHalf][key_pad], [kHalf][rows], [kHalf]
+  float *dq, *dk;      // a half's sums over each warp's rows: [warps][kHalf][key_pad]
+  float *dv, *db, *dla;  // [kHalf][rows]; dla: each row's part
 };
 
 __device__ SharedTiles carve(float* smem, const Layout& l) {
@@ -96,8 +110,8 @@ __device__ SharedTiles carve(float* smem, const Layout& l) {
   s.grad_o = s.b + kChunk * l.rows;
   s.decay = s.grad_o + kChunk * l.rows;
   s.dq = s.decay + kChunk;
-  s.dk = s.dq + kHalf * l.key_pad;
-  s.dv = s.dk + kHalf * l.key_pad;
+  s.dk = s.dq + (l.threads / 32) * kHalf * l.key_pad;
+  s.dv = s.dk + (l.threads / 32) * kHalf * l.key_pad;
   s.db = s.dv + kHalf * l.rows;
   s.dla = s.db + kHalf * l.rows;
   return s;
@@ -185,9 +199,10 @@ struct Chunk {
       if (pos.lane_in_row == 0) {
         s.dv[j * l.rows + local_row] = dv;
         s.db[j * l.rows + local_row] = db;
-        atomicAdd(s.dla + j, dla);
+        s.dla[j * l.rows + local_row] = dla;
       }
-      // Rows of one warp, then of the block: the first row group of each warp adds its sums.
+      // Over the rows of one warp here, over the warps in flush_half (plain stores: no shared
+      // atomics, which are compare-and-swap loops for floats).
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
         for (int offset = l.threads_per_row; offset < 32; offset *= 2) {
@@ -196,10 +211,11 @@ struct Chunk {
         }
       }
       if (threadIdx.x % 32 < l.threads_per_row) {
+        const int at = (threadIdx.x / 32 * kHalf + j) * l.key_pad + pos.col0;
 #pragma unroll
         for (int c = 0; c < kCols; ++c) {
-          atomicAdd(s.dq + j * l.key_pad + pos.col0 + c, dq[c]);
-          atomicAdd(s.dk + j * l.key_pad + pos.col0 + c, dk[c]);
+          s.dq[at + c] = dq[c];
+          s.dk[at + c] = dk[c];
         }
       }
     }
@@ -208,7 +224,7 @@ struct Chunk {
     __syncthreads();
   }
 
-  // The half's sums to global memory, and the shared sums back to zero.
+  // The half's sums to global memory: over the warps (dq, dk) and rows (dlog_alpha) first.
   __device__ void flush_half(int base) const {
     const int64_t len = a.seqlen, H = a.heads, dk = a.key_dim, dv = a.value_dim;
     const int row0 = row_block(l) * l.rows;
@@ -216,12 +232,15 @@ struct Chunk {
       const int j = idx / l.key_pad, col = idx % l.key_pad;
       const int64_t t = t0 + base + j;
       if (t < len && col < dk) {
+        float dq = 0.f, dk_sum = 0.f;
+        for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) {
+          dq += s.dq[w * kHalf * l.key_pad + idx];
+          dk_sum += s.dk[w * kHalf * l.key_pad + idx];
+        }
         const int64_t at = ((batch * len + t) * H + head) * dk + col;
-        atomicAdd(a.dq + at, s.dq[idx]);
-        atomicAdd(a.dk + at, s.dk[idx]);
+        atomicAdd(a.dq + at, dq);
+        atomicAdd(a.dk + at, dk_sum);
       }
-      s.dq[idx] = 0.f;
-      s.dk[idx] = 0.f;
     }
     for (int idx = threadIdx.x; idx < kHalf * l.rows; idx += blockDim.x) {
       const int j = idx / l.rows, r = idx % l.rows;
@@ -234,8 +253,11 @@ struct Chunk {
     }
     if (threadIdx.x < kHalf) {
       const int64_t t = t0 + base + threadIdx.x;
-      if (t < len) atomicAdd(a.grad_log_alpha + (batch * len + t) * H + head, s.dla[threadIdx.x]);
-      s.dla[threadIdx.x] = 0.f;
+      if (t < len) {
+        float dla = 0.f;
+        for (int r = 0; r < l.rows; ++r) dla += s.dla[threadIdx.x * l.rows + r];
+        atomicAdd(a.grad_log_alpha + (batch * len + t) * H + head, dla);
+      }
     }
   }
 };
@@ -253,8 +275,6 @@ __global__ void __launch_bounds__(kBwdThreads, 1) metaplastic_bwd_kernel(const _
   const int64_t qk_base = (batch * len * H + head) * dk, v_base = (batch * len * H + head) * dv;
   const int64_t state_base = (bh * dv + pos.row) * dk;
 
-  for (int idx = threadIdx.x; idx < kHalf * l.key_pad; idx += blockDim.x) s.dq[idx] = s.dk[idx] = 0.f;
-  if (threadIdx.x < kHalf) s.dla[threadIdx.x] = 0.f;
   if (threadIdx.x == 0) block_grad_prior = 0.f;
 
   auto load_state = [&](const float* M_src, const float* I_src, int64_t base, int64_t width, float (&M)[kCols],
@@ -366,7 +386,7 @@ void metaplastic_scan_bwd_cuda(const MetaplasticBwdParams& p, void* stream_ptr) 
   const int64_t bh = p.batch * p.heads, rows_total = bh * p.seqlen;
   CRAM_CUDA_CHECK(cudaMemsetAsync(p.grad_prior, 0, sizeof(float) * p.heads, stream));
   if (bh == 0) return;
-  const Layout l = make_layout(p.key_dim, p.value_dim, kBwdThreads);
+  const Layout l = bwd_layout(p);
   const Workspace w = workspace_of(p);
   float* checkpoint_M = static_cast<float*>(p.workspace);
   float* checkpoint_I = checkpoint_M + w.checkpoint_floats;
