@@ -711,6 +711,8 @@ BAD = [
 @pytest.mark.parametrize("build, exc, match", [pytest.param(*c[1:], id=c[0]) for c in BAD])
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_argument(device, build, exc, match):
+    if device == "cuda" and "Double" in match:
+        pytest.skip("float64 inputs are refused on CUDA before the state is checked (test_bad_argument_cuda)")
     op, args = build(device)
     with pytest.raises(exc, match=match):
         op(*args)
