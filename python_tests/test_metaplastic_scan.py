@@ -259,6 +259,18 @@ def test_no_importance_is_gla_over_prior(device, with_state):
     assert_close_rel(M, S, tol, "M")
 
 
+@pytest.mark.parametrize("device", [cuda_only("cuda")])
+def test_no_importance_matches_fla_simple_gla(device):
+    """b = 0, I_p = 1 against fla's chunk_simple_gla (Triton, tensor cores), the library
+    implementation of the same special case, in bf16 (issue 17's device check)."""
+    fla = pytest.importorskip("fla.ops.simple_gla", reason="fla-core is not installed (carry its wheel)")
+    q, k, v, b, la, _, _ = make_inputs(2, 300, 4, 64, 128, BF16, device)
+    o, _ = cram_ext.metaplastic_scan(q, k, v, torch.zeros_like(b), la, 1.0)
+    o_fla, _ = fla.chunk_simple_gla(q.detach(), k.detach(), v.detach(), g=la.detach().float(), scale=64**-0.5,
+                                    initial_state=None, output_final_state=False)
+    assert_close_rel(o, o_fla, 1e-2, "o against fla chunk_simple_gla")
+
+
 @pytest.mark.parametrize("split", [1, 50, 64])
 @pytest.mark.parametrize("device, dtype", device_dtype_params(SCAN_DTYPES))
 def test_carried_state(device, dtype, split):
