@@ -23,4 +23,21 @@ inline bool cpu_has_avx2() {
 #endif
 }
 
+// Runs lane.run(), an always-inline hot loop, in its AVX2+FMA instantiation when the
+// processor has it, else in the generic one.
+template <typename Lane>
+void run_generic(const Lane& lane) { lane.run(); }
+
+template <typename Lane>
+CRAM_TARGET_AVX2 void run_avx2(const Lane& lane) { lane.run(); }
+
+template <typename Lane>
+void run_lane(const Lane& lane) {
+  if (cpu_has_avx2()) {
+    run_avx2(lane);
+  } else {
+    run_generic(lane);
+  }
+}
+
 }  // namespace cram

@@ -93,21 +93,6 @@ struct BackwardLane {
   }
 };
 
-template <typename Lane>
-void run_generic(const Lane& lane) { lane.run(); }
-
-template <typename Lane>
-CRAM_TARGET_AVX2 void run_avx2(const Lane& lane) { lane.run(); }
-
-template <typename Lane>
-void run_lane(const Lane& lane) {
-  if (cpu_has_avx2()) {
-    run_avx2(lane);
-  } else {
-    run_generic(lane);
-  }
-}
-
 // Calls lane(seq, state, n) in parallel for every (batch row, channel slice): seq and
 // state are the slice's first element in the (B, T, C) and (B, C) tensors, n its width.
 template <typename Fn>

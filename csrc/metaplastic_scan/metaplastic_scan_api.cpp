@@ -78,15 +78,38 @@ std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
 
 const void* data_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
-void fill_shape(MetaplasticShape& s, const Dims& d, const at::Tensor& q, double scale) {
-  s.batch = d.B;
-  s.seqlen = d.T;
-  s.heads = d.H;
-  s.key_dim = d.dk;
-  s.value_dim = d.dv;
-  s.dtype = element_type_of(q);
-  s.scale = scale;
-}
+// The per-token inputs and the prior as the kernels read them: contiguous, log_alpha and the
+// prior in the accumulation type. Shared by the scan, its backward and the step.
+struct Inputs {
+  at::Tensor q, k, v, b, log_alpha, prior;
+
+  Inputs(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& b_in,
+         const at::Tensor& log_alpha_in, const at::Tensor& prior_in)
+      : q(q_in.contiguous()),
+        k(k_in.contiguous()),
+        v(v_in.contiguous()),
+        b(b_in.contiguous()),
+        log_alpha(as_accumulate(log_alpha_in, q)),
+        prior(as_accumulate(prior_in, q)) {}
+
+  // The shape and these pointers of a MetaplasticParams, MetaplasticBwdParams or MetaplasticStepParams.
+  template <typename Params>
+  void fill(Params& p, const Dims& d, double scale) const {
+    p.batch = d.B;
+    p.seqlen = d.T;
+    p.heads = d.H;
+    p.key_dim = d.dk;
+    p.value_dim = d.dv;
+    p.dtype = element_type_of(q);
+    p.scale = scale;
+    p.q = q.data_ptr();
+    p.k = k.data_ptr();
+    p.v = v.data_ptr();
+    p.b = b.data_ptr();
+    p.log_alpha = log_alpha.data_ptr();
+    p.prior = prior.data_ptr();
+  }
+};
 
 at::Tensor cuda_workspace(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
@@ -101,21 +124,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> metaplastic_scan(
   check_state(Ibar0_in, "Ibar0", q_in, d);
 
   c10::OptionalDeviceGuard guard(q_in.device());
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), b = b_in.contiguous();
-  const at::Tensor log_alpha = as_accumulate(log_alpha_in, q), prior = as_accumulate(prior_in, q);
+  const Inputs in(q_in, k_in, v_in, b_in, log_alpha_in, prior_in);
+  const at::Tensor& q = in.q;
   const auto M0 = contiguous(M0_in), Ibar0 = contiguous(Ibar0_in);
   const auto acc = q.options().dtype(accumulate_dtype(q.scalar_type()));
   at::Tensor o = at::empty({d.B, d.T, d.H, d.dv}, q.options());
   at::Tensor M = at::empty({d.B, d.H, d.dv, d.dk}, acc), Ibar = at::empty({d.B, d.H, d.dv, d.dk}, acc);
 
   MetaplasticParams p{};
-  fill_shape(p, d, q, scale);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.b = b.data_ptr();
-  p.log_alpha = log_alpha.data_ptr();
-  p.prior = prior.data_ptr();
+  in.fill(p, d, scale);
   p.M0 = data_or_null(M0);
   p.Ibar0 = data_or_null(Ibar0);
   p.o = o.data_ptr();
@@ -149,26 +166,21 @@ metaplastic_scan_backward(const at::Tensor& grad_o_in, const at::Tensor& grad_M_
   check_state(grad_Ibar_in, "grad_Ibar", q_in, d);
 
   c10::OptionalDeviceGuard guard(q_in.device());
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), b = b_in.contiguous();
+  const Inputs in(q_in, k_in, v_in, b_in, log_alpha_in, prior_in);
+  const at::Tensor& q = in.q;
   const at::Tensor grad_o = grad_o_in.contiguous(), grad_M = grad_M_in.contiguous(),
                    grad_Ibar = grad_Ibar_in.contiguous();
-  const at::Tensor log_alpha = as_accumulate(log_alpha_in, q), prior = as_accumulate(prior_in, q);
   const auto M0 = contiguous(M0_in), Ibar0 = contiguous(Ibar0_in);
-  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v),
-             grad_b = at::empty_like(b), grad_log_alpha = at::empty_like(log_alpha),
-             grad_prior = at::empty_like(prior), grad_M0 = at::empty_like(grad_M), grad_Ibar0 = at::empty_like(grad_M);
+  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(in.k), grad_v = at::empty_like(in.v),
+             grad_b = at::empty_like(in.b), grad_log_alpha = at::empty_like(in.log_alpha),
+             grad_prior = at::empty_like(in.prior), grad_M0 = at::empty_like(grad_M),
+             grad_Ibar0 = at::empty_like(grad_M);
 
   MetaplasticBwdParams p{};
-  fill_shape(p, d, q, scale);
+  in.fill(p, d, scale);
   p.grad_o = grad_o.data_ptr();
   p.grad_M = grad_M.data_ptr();
   p.grad_Ibar = grad_Ibar.data_ptr();
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.b = b.data_ptr();
-  p.log_alpha = log_alpha.data_ptr();
-  p.prior = prior.data_ptr();
   p.M0 = data_or_null(M0);
   p.Ibar0 = data_or_null(Ibar0);
   p.grad_q = grad_q.data_ptr();
@@ -212,18 +224,12 @@ at::Tensor metaplastic_step(const at::Tensor& q_in, const at::Tensor& k_in, cons
                     "M, Ibar: the state is updated in place and must be contiguous");
 
   c10::OptionalDeviceGuard guard(q_in.device());
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), b = b_in.contiguous();
-  const at::Tensor log_alpha = as_accumulate(log_alpha_in, q), prior = as_accumulate(prior_in, q);
+  const Inputs in(q_in, k_in, v_in, b_in, log_alpha_in, prior_in);
+  const at::Tensor& q = in.q;
   at::Tensor o = at::empty({d.B, d.H, d.dv}, q.options());
 
   MetaplasticStepParams p{};
-  fill_shape(p, d, q, scale);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.b = b.data_ptr();
-  p.log_alpha = log_alpha.data_ptr();
-  p.prior = prior.data_ptr();
+  in.fill(p, d, scale);
   p.M = M.data_ptr();
   p.Ibar = Ibar.data_ptr();
   p.o = o.data_ptr();

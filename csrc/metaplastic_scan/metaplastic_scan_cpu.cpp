@@ -313,23 +313,6 @@ struct BackwardLane {
   }
 };
 
-// The hot loops are written once (always inline) and built twice, for baseline x86-64 and
-// for AVX2+FMA, picked at run time (common/cpu_isa.h).
-template <typename Lane>
-void run_generic(const Lane& lane) { lane.run(); }
-
-template <typename Lane>
-CRAM_TARGET_AVX2 void run_avx2(const Lane& lane) { lane.run(); }
-
-template <typename Lane>
-void run_lane(const Lane& lane) {
-  if (cpu_has_avx2()) {
-    run_avx2(lane);
-  } else {
-    run_generic(lane);
-  }
-}
-
 // -------------------------------------------------------------------------- drivers
 
 // The forward and the decoding step: a step is the forward of one token whose initial state
