@@ -111,21 +111,31 @@ struct TileLoad {
   int64_t t0, seqlen, token_stride, dim;
   int tokens, col_begin, pad;
 
-  __device__ __forceinline__ bool at(int idx, int64_t& offset) const {
-    const int tt = idx / pad, c = idx - tt * pad;
+  __device__ __forceinline__ bool at(int tt, int c, int64_t& offset) const {
     const int64_t t = t0 + tt, col = col_begin + c;
     offset = t * token_stride + col;
-    return idx < tokens * pad && t < seqlen && col < dim;
+    return tt < tokens && t < seqlen && col < dim;
+  }
+
+  __device__ __forceinline__ bool at(int idx, int64_t& offset) const {
+    const int tt = idx / pad;
+    return at(tt, idx - tt * pad, offset);
   }
 
   __device__ __forceinline__ void issue(const T* src_, int64_t t0_, int tokens_, int64_t seqlen_,
                                         int64_t token_stride_, int64_t dim_, int col_begin_, int pad_) {
     src = src_, t0 = t0_, seqlen = seqlen_, token_stride = token_stride_, dim = dim_;
     tokens = tokens_, col_begin = col_begin_, pad = pad_;
+    // The (token, column) of element threadIdx.x + i * blockDim.x, stepped from one division:
+    // an integer division per element costs more than the tile's arithmetic.
+    int tt = threadIdx.x / pad, c = threadIdx.x - tt * pad;
+    const int step_tt = blockDim.x / pad, step_c = blockDim.x - step_tt * pad;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       int64_t offset;
-      raw[i] = at(threadIdx.x + i * blockDim.x, offset) ? src[offset] : from_float<T>(0.f);
+      raw[i] = at(tt, c, offset) ? src[offset] : from_float<T>(0.f);
+      tt += step_tt, c += step_c;
+      if (c >= pad) c -= pad, ++tt;
     }
   }
 

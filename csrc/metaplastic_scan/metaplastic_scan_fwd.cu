@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kFwdThreads) metaplastic_fwd_kernel(const __gr
       const int tt = idx / l.rows, r = idx % l.rows;
       const float* part = o_part + tt * blockDim.x + r * l.threads_per_row;
       float o = 0.f;
-      for (int j = 0; j < l.threads_per_row; ++j) o += part[(j + r) % l.threads_per_row];  // rotated: fewer bank conflicts
+      for (int j = 0; j < l.threads_per_row; ++j) o += part[(j + r) & (l.threads_per_row - 1)];  // rotated: fewer bank conflicts
       if (row0 + r < dv) a.o[v_base + (t0 + tt) * H * dv + row0 + r] = from_float<T>(a.scale * o);
     }
   }
