@@ -57,6 +57,9 @@ CASES = [
     Case("last", B=2, T=70, S=70, H=2, Hk=2, pattern="last"),
     Case("none", B=2, T=9, S=12, H=2, Hk=2, pattern="none"),  # counts = 0 everywhere
     Case("BH-large", B=8, T=9, S=9, H=16, Hk=4, pattern="random"),
+    # CPU query blocks: 256 queries (T=613: 256, 256, 101), and blocks cut at a 256-position span
+    Case("T613-all", B=1, T=613, S=613, H=2, Hk=1, pattern="all"),
+    Case("T700-span", B=2, T=700, S=731, H=2, Hk=2, pattern="random", density=0.3),
 ]
 
 

@@ -1,5 +1,5 @@
 // CPU routed attention. Work is proportional to the routed queries and the keys
-// they see: routed positions are taken in blocks of kBlockQ (gathered into a dense
+// they see: routed positions are taken in blocks (gathered into a dense
 // tile), each block is multiplied only against keys up to its last position, and
 // the causal mask is applied only to the band of keys between the block's first
 // and last position. The products go through ATen's GEMM; threads split the blocks.
@@ -20,7 +20,11 @@
 namespace cram {
 namespace {
 
-constexpr int64_t kBlockQ = 64;
+// Routed queries are taken in blocks of consecutive routed positions: up to kMaxBlockQ of them
+// (fewer GEMM calls, each larger), but a block stops growing past kMinBlockQ queries once it
+// spans kBlockSpan positions, because the keys inside its span are computed for every query
+// of the block and masked for the earlier ones (at low density a long span is mostly waste).
+constexpr int64_t kMinBlockQ = 64, kMaxBlockQ = 256, kBlockSpan = 256;
 
 // The valid routed positions of each batch row, as int64 tensors. Bad entries are
 // dropped here so that nothing below can index out of range.
@@ -48,24 +52,39 @@ struct QueryBlock {
   int64_t t_min, t_max;
 };
 
+// [start, end) of each block of one batch row's sorted routed positions.
+std::vector<std::pair<int64_t, int64_t>> block_bounds(const at::Tensor& positions) {
+  const int64_t n = positions.numel();
+  const int64_t* p = positions.data_ptr<int64_t>();
+  std::vector<std::pair<int64_t, int64_t>> bounds;
+  for (int64_t start = 0; start < n;) {
+    int64_t end = std::min(n, start + kMinBlockQ);
+    while (end < n && end - start < kMaxBlockQ && p[end] - p[start] < kBlockSpan) ++end;
+    bounds.emplace_back(start, end);
+    start = end;
+  }
+  return bounds;
+}
+
 // Blocks of every (batch, head). Within a head, blocks are listed from both ends
 // inwards (first, last, second, ...): late blocks see more keys, and the
 // contiguous ranges that parallel_for hands to threads then cost about the same.
 std::vector<QueryBlock> query_blocks(const std::vector<at::Tensor>& positions, int64_t H) {
   std::vector<QueryBlock> blocks;
   for (int64_t b = 0; b < static_cast<int64_t>(positions.size()); ++b) {
-    const int64_t n = positions[b].numel();
-    const int64_t num = (n + kBlockQ - 1) / kBlockQ;
+    const auto bounds = block_bounds(positions[b]);
+    const int64_t* p = positions[b].data_ptr<int64_t>();
     std::vector<int64_t> order;
-    for (int64_t lo = 0, hi = num - 1; lo <= hi; ++lo, --hi) {
+    for (int64_t lo = 0, hi = static_cast<int64_t>(bounds.size()) - 1; lo <= hi; ++lo, --hi) {
       order.push_back(lo);
       if (hi != lo) order.push_back(hi);
     }
     for (int64_t h = 0; h < H; ++h) {
       for (int64_t blk : order) {
-        at::Tensor pos = positions[b].narrow(0, blk * kBlockQ, std::min(kBlockQ, n - blk * kBlockQ));
-        const auto [mn, mx] = at::aminmax(pos);
-        blocks.push_back({b, h, pos, mn.item<int64_t>(), mx.item<int64_t>()});
+        const auto [start, end] = bounds[blk];
+        // min/max rather than the ends: a malformed (unsorted) routing stays in bounds and masked.
+        const auto [mn, mx] = std::minmax_element(p + start, p + end);
+        blocks.push_back({b, h, positions[b].narrow(0, start, end - start), *mn, *mx});
       }
     }
   }
@@ -90,8 +109,8 @@ at::Tensor masked_scores(const at::Tensor& q_blk, const at::Tensor& k_seen, cons
 
 namespace {
 
-// Keys per chunk of the forward: a block's scores for one chunk (kBlockQ x kBlockK floats,
-// 128 KiB) stay in L2 between the two GEMMs and the softmax pass that runs between them,
+// Keys per chunk of the forward: a block's scores for one chunk (up to kMaxBlockQ x kBlockK
+// floats, 512 KiB) stay in L2 between the two GEMMs and the softmax pass that runs between them,
 // where whole rows of scores (up to S keys) would go to memory and back several times.
 constexpr int64_t kBlockK = 512;
 
@@ -212,9 +231,9 @@ void routed_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "routed_attention_fwd_cpu", [&] {
     at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
       at::ThreadLocalStateGuard tls_guard(tls);
-      at::Tensor s_buf = at::empty({kBlockQ * kBlockK}, q.options());
-      at::Tensor pv_buf = at::empty({kBlockQ * D}, q.options());
-      std::vector<scalar_t> acc(kBlockQ * D), m(kBlockQ), l(kBlockQ);
+      at::Tensor s_buf = at::empty({kMaxBlockQ * kBlockK}, q.options());
+      at::Tensor pv_buf = at::empty({kMaxBlockQ * D}, q.options());
+      std::vector<scalar_t> acc(kMaxBlockQ * D), m(kMaxBlockQ), l(kMaxBlockQ);
       scalar_t* o = out.data_ptr<scalar_t>();
       scalar_t* lse_p = lse.data_ptr<scalar_t>();
       for (int64_t i = begin; i < end; ++i) {
