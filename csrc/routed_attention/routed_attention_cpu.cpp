@@ -121,7 +121,7 @@ constexpr int64_t kBlockK = 512;
 // dependence it may not reorder without -ffast-math).
 constexpr int kLanes = 16;
 
-template <typename scalar_t>
+template <typename scalar_t, bool kFma>
 __attribute__((always_inline)) inline void softmax_chunk(scalar_t* sp, int64_t n, int64_t kc, int64_t c0,
                                                          const int64_t* pos, int64_t shift, scalar_t* m, scalar_t* l,
                                                          scalar_t* alpha) {
@@ -142,18 +142,18 @@ __attribute__((always_inline)) inline void softmax_chunk(scalar_t* sp, int64_t n
     for (int w = 0; w < kLanes; ++w) part[w] = 0;
     for (int64_t j = 0; j < full; j += kLanes) {
       for (int w = 0; w < kLanes; ++w) {
-        row[j + w] = exp_vectorisable(row[j + w] - mx);
+        row[j + w] = exp_nonpositive<kFma>(row[j + w] - mx);
         part[w] += row[j + w];
       }
     }
     scalar_t sum = 0;
     for (int w = 0; w < kLanes; ++w) sum += part[w];
     for (int64_t j = full; j < seen; ++j) {
-      row[j] = exp_vectorisable(row[j] - mx);
+      row[j] = exp_nonpositive<kFma>(row[j] - mx);
       sum += row[j];
     }
     std::fill(row + seen, row + kc, scalar_t(0));
-    alpha[i] = seen == 0 ? scalar_t(1) : exp_vectorisable(m[i] - mx);
+    alpha[i] = seen == 0 ? scalar_t(1) : exp_nonpositive<kFma>(m[i] - mx);
     if (seen > 0) {
       l[i] = l[i] * alpha[i] + sum;
       m[i] = mx;
@@ -173,7 +173,7 @@ __attribute__((always_inline)) inline void rescale_add(scalar_t* acc, const scal
 template <typename scalar_t>
 CRAM_TARGET_AVX2 void softmax_chunk_avx2(scalar_t* sp, int64_t n, int64_t kc, int64_t c0, const int64_t* pos,
                                          int64_t shift, scalar_t* m, scalar_t* l, scalar_t* alpha) {
-  softmax_chunk(sp, n, kc, c0, pos, shift, m, l, alpha);
+  softmax_chunk<scalar_t, true>(sp, n, kc, c0, pos, shift, m, l, alpha);
 }
 
 template <typename scalar_t>
@@ -202,7 +202,7 @@ void attend_block(const at::Tensor& q_blk, const at::Tensor& k_seen, const at::T
     if (cpu_has_avx2()) {
       softmax_chunk_avx2(sp, n, kc, c0, pos, shift, m, l, alpha.data());
     } else {
-      softmax_chunk(sp, n, kc, c0, pos, shift, m, l, alpha.data());
+      softmax_chunk<scalar_t, false>(sp, n, kc, c0, pos, shift, m, l, alpha.data());
     }
     at::Tensor pv = pv_buf.narrow(0, 0, n * D).view({n, D});
     at::mm_out(pv, s, v_seen.narrow(0, c0, kc));
