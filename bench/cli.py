@@ -48,6 +48,9 @@ def parser(spec: "Bench") -> argparse.ArgumentParser:
     p.add_argument("--append", action="store_true",
                    help="keep the records already in the output file (--out or --record) and add this run's")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every measurement this many times, the impls' order alternating round by round, "
+                        "and record the median of each (a shared CPU's speed drifts between measurements)")
     p.add_argument("--no-check", action="store_true",
                    help="skip the accuracy check of every impl against the reference")
     for flags, kwargs in spec.flags:

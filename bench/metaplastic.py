@@ -20,6 +20,8 @@ Implementations (impl):
                   output_final_state=False (cram always writes its final state: 2*B*H*dv*dk fp32).
                   On Hopper with Triton in [3.4, 3.7.1) fla refuses its gated backward (wrong results,
                   fla issue #640): fwd_bwd is then timed with that guard lifted, time only, and labelled so.
+                  It can also fault (an illegal address at 16x2048x16x32x64 on an H100), which ends the
+                  run: so fla runs after the other impls of a case.
 
 Inputs (docs/metaplastic.md §4): q, k (B,T,H,dk) L2-normalised over dk; v (B,T,H,dv) ~ N(0,1);
 b = sigmoid(N(0,1)) (B,T,H,dv); log_alpha = -A_h * Delta (B,T,H) in float32 with A_h log-uniform
@@ -132,7 +134,8 @@ def record_fields(case: Case, pass_: str, impl: str) -> dict:
     if impl not in COUNTED:  # fla computes GLA (matmuls on tensor cores): the count does not describe it
         fields.update(flops=None, flops_model="not counted: GLA, not the metaplastic state work")
         if pass_ == "fwd_bwd" and _fla_bwd_guarded():
-            fields["note"] = "fla #640: fla refuses this backward on Hopper with this Triton; timed with the guard lifted"
+            fields["note"] = ("fla_simple_gla fwd_bwd: fla refuses its gated backward on Hopper with this Triton "
+                              "(wrong results, fla issue #640); timed with that guard lifted, time only")
     return fields
 
 

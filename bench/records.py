@@ -11,6 +11,7 @@ reads; --out PATH writes PATH.
 from __future__ import annotations
 
 import json
+import statistics
 import os
 import time
 from pathlib import Path
@@ -103,6 +104,7 @@ class Sink:
             with open(self.path) as f:
                 self.records = list(json.load(f))
             print(f"--append: {len(self.records)} earlier records from {self.path}")
+        self.appended = len(self.records)  # records of earlier runs, before this run's
 
     def add(self, rec: dict) -> dict:
         self.records.append(rec)
@@ -111,3 +113,27 @@ class Sink:
 
     def write(self) -> None:
         write_json(self.records, self.path)
+
+
+def record_key(rec: dict) -> tuple:
+    """What a record measured: two records with the same key are repeats of one measurement."""
+    return (rec.get("bench"), rec.get("impl"), rec.get("pass"), json.dumps(rec.get("shape"), sort_keys=True),
+            rec.get("density"), rec.get("dtype"))
+
+
+def median_of_rounds(records: list[dict]) -> list[dict]:
+    """One record per measurement, its ms the median over the rounds that measured it (in the
+    order first measured); `ms_rounds` keeps every round's time. Rates derived from ms (bytes,
+    flops) stay valid: they are per call, not per second."""
+    groups: dict[tuple, list[dict]] = {}
+    for rec in records:
+        groups.setdefault(record_key(rec), []).append(rec)
+    merged = []
+    for recs in groups.values():
+        times = [r["ms"] for r in recs]
+        rec = dict(recs[0], ms=statistics.median(times))
+        if len(recs) > 1:
+            rec["ms_rounds"] = times
+        merged.append(rec)
+    return merged
+

@@ -176,6 +176,8 @@ def metaplastic_table(records: list[dict], baselines: list[str]) -> str | None:
     if "fla_simple_gla" in impls:
         foot.append("fla_simple_gla is GLA (b = 0, I_p = 1) on tensor cores: the non-metaplastic baseline, "
                     "no FLOPs counted.")
+    for note in sorted({r["note"] for r in mine if r.get("note")}):
+        foot.append(f"Note: {note}.")
     return table(header, rows) + ("\n\n" + " ".join(foot) if foot else "")
 
 

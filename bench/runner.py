@@ -17,7 +17,7 @@ import torch
 from . import cli
 from .environment import Env, resolve_device, setup_torch
 from .failures import Fatal, Skip, free_memory, is_fatal, short_error
-from .records import Sink, dtype_name, gbps, make_record, output_path
+from .records import Sink, dtype_name, gbps, make_record, median_of_rounds, output_path
 from .registry import Bench, Call, Case, Impl
 from .summary import rate, shape_str, summarize
 from .timing import TimingConfig, measure_ms, synchronize, timing_config
@@ -243,9 +243,15 @@ def main(spec: Bench, argv: Sequence[str] | None = None) -> int:
     try:
         if spec.copy_bandwidth:
             runner.copy_bandwidth(args.quick)
-        for shape in shapes:
-            for dtype in dtypes:
-                run_case(spec, shape, dtype, impls, passes, densities, runner, args)
+        for round_ in range(max(1, args.rounds)):
+            if args.rounds > 1:
+                print(f"\n-- round {round_ + 1} of {args.rounds}")
+            order = impls if round_ % 2 == 0 else impls[::-1]
+            for shape in shapes:
+                for dtype in dtypes:
+                    run_case(spec, shape, dtype, order, passes, densities, runner, args)
+        if args.rounds > 1:
+            sink.records = sink.records[:sink.appended] + median_of_rounds(sink.records[sink.appended:])
     except Fatal as e:
         print(f"\nFATAL (device error, stopping): {e}")
         finish(sink, runner)

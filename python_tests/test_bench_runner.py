@@ -117,3 +117,22 @@ def test_metaplastic_bench_case_checks_and_counts(tmp_path):
     assert spec.flops(case, "fwd_bwd") == 3 * spec.flops(case, "fwd")
     assert spec.record_fields(case, "fwd", "eager_ref")["peak_flops"] is None
     assert spec.record_fields(case, "fwd", "fla_simple_gla")["flops"] is None
+
+
+def test_rounds_record_the_median_of_each_measurement():
+    """--rounds N: the repeats of one measurement become one record, ms their median, in the
+    order first measured; other measurements are not mixed in."""
+    from bench.records import median_of_rounds
+
+    def rec(impl, density, ms):
+        return {"bench": "b", "impl": impl, "pass": "fwd", "shape": {"T": 4, "B": 1}, "density": density,
+                "dtype": "float32", "ms": ms}
+
+    rounds = [rec("sdpa", None, 10.0), rec("cram", 1.0, 12.0),   # round 1
+              rec("cram", 1.0, 9.0), rec("sdpa", None, 30.0),    # round 2, order reversed
+              rec("sdpa", None, 11.0), rec("cram", 1.0, 10.0),   # round 3
+              rec("cram", 0.1, 2.0)]                             # measured once
+    merged = median_of_rounds(rounds)
+    assert [(r["impl"], r["density"]) for r in merged] == [("sdpa", None), ("cram", 1.0), ("cram", 0.1)]
+    assert [r["ms"] for r in merged] == [11.0, 10.0, 2.0]
+    assert merged[0]["ms_rounds"] == [10.0, 30.0, 11.0] and "ms_rounds" not in merged[2]
