@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--model transformer: RoutedAttention or dense scaled_dot_product_attention")
     m.add_argument("--positions", choices=["learned", "rope"], default="learned",
                    help="--model transformer: learned absolute position embeddings or rotary ones in attention")
+    m.add_argument("--init-like-dense", action="store_true",
+                   help="--model transformer --attention routed: every parameter the dense model also has starts "
+                        "as the dense model of the same --seed would (the router and semantic memory are drawn "
+                        "apart): routed against dense from one initialisation")
     # RoutedAttention's arguments: left out, each takes the layer's own default (ROUTED_DEFAULTS).
     m.add_argument("--threshold", type=float, help="a token is routed when the router's probability exceeds this")
     m.add_argument("--explore", type=float, help="fraction of tokens force-routed in training")
@@ -114,6 +118,8 @@ def check_args(args: argparse.Namespace, world: int = 1) -> None:
     if args.attention == "sdpa" and (args.model != "transformer" or args.routing != "learned"):
         raise RunError("--attention sdpa is the dense transformer: use it with --model transformer and the default "
                        "--routing learned only (the routing baselines are RoutedAttention's)")
+    if getattr(args, "init_like_dense", False) and (args.model != "transformer" or args.attention != "routed"):
+        raise RunError("--init-like-dense is a choice of --model transformer --attention routed")
     warmup = ROUTED_DEFAULTS["warmup"] if args.router_warmup is None else args.router_warmup
     if args.routing == "learned" and args.attention == "routed" and warmup >= args.steps:
         print(f"warning: --router-warmup {warmup} >= --steps {args.steps}: the router never trains and every "

@@ -223,7 +223,8 @@ def test_language_model_task_runs(tmp_path, attention):
                                         (["--attention", "sdpa"], "--model transformer"),
                                         # the message named only --model, which was right here
                                         (["--task", "mqar", "--model", "transformer", "--attention", "sdpa",
-                                          "--routing", "dense"], "--routing learned")])
+                                          "--routing", "dense"], "--routing learned"),
+                                        (["--init-like-dense"], "--model transformer --attention routed")])
 def test_bad_flags_are_refused_up_front(tmp_path, bad, match):
     args = train.build_parser().parse_args(TINY + ["--out", str(tmp_path)] + bad)
     with pytest.raises(ValueError, match=match):
@@ -283,3 +284,25 @@ def test_load_run_and_mqar_breakdown(tmp_path):
         assert sum(layer[k]["tokens_per_seq"] for k in kinds) == pytest.approx(32)
         assert sum(layer[k]["routed_per_seq"] for k in kinds) == pytest.approx(32 * layer["utilization"])
     assert s["utilization_end"] == pytest.approx(sum(layer["utilization"] for layer in b["layers"]) / 2, abs=1e-6)
+
+
+def test_init_like_dense_shares_the_dense_models_draws():
+    """--init-like-dense: the routed TransformerLM's parameters that the dense one has are the dense
+    run's (same seed), the random state after the build is the dense run's, and without the flag
+    they are not (the router's draws come first)."""
+    from cram_ext.models.build import build_model
+
+    def built(*flags):
+        args = train.build_parser().parse_args(["--task", "mqar", "--model", "transformer", *flags])
+        torch.manual_seed(3)
+        shape = {"vocab_size": 40, "max_len": 32}
+        net, _ = build_model(args, shape, {})
+        return net.state_dict(), torch.random.get_rng_state()
+
+    dense, dense_rng = built("--attention", "sdpa")
+    like, like_rng = built("--init-like-dense")
+    plain, _ = built()
+    assert dense.keys() < like.keys()
+    assert all(torch.equal(dense[k], like[k]) for k in dense)
+    assert torch.equal(dense_rng, like_rng)
+    assert not all(torch.equal(dense[k], plain[k]) for k in dense if k.endswith("weight"))

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+import torch
 from torch import nn
 
 from .cram import CRAMConfig, CRAMModel
@@ -26,7 +27,23 @@ def build_model(args: argparse.Namespace, shape: dict[str, Any], routed: dict[st
         cfg: Any = CRAMConfig(**common, **{k: v for k, v in shape.items() if k != "max_len"}, memory=memory)
     else:
         cfg = TransformerConfig(**common, attention=args.attention, positions=args.positions, **shape)
+        if getattr(args, "init_like_dense", False):
+            return transformer_like_dense(cfg), dataclasses.asdict(cfg)
     return MODELS[args.model][1](cfg), dataclasses.asdict(cfg)
+
+
+def transformer_like_dense(cfg: TransformerConfig) -> TransformerLM:
+    """A TransformerLM of this (routed) config whose parameters shared with the dense model
+    (attention="sdpa") are those the dense model draws from the same random state; only the
+    RoutedAttention extras (router, semantic memory) are its own draws. The random state after
+    it is the dense model's, so what the run draws next matches the dense run too."""
+    state = torch.random.get_rng_state()
+    model = TransformerLM(cfg)
+    torch.random.set_rng_state(state)
+    dense = TransformerLM(dataclasses.replace(cfg, attention="sdpa"))
+    missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
+    assert not unexpected and all(".attn." in k for k in missing), (missing, unexpected)
+    return model
 
 
 def model_from_config(model: str, model_config: dict[str, Any]) -> nn.Module:
