@@ -5,6 +5,7 @@
 #   bash scripts/device_check.sh build test sanitize bench
 #   FUZZ_BUDGET=150 bash scripts/device_check.sh build fuzz_memcheck   (seconds per op)
 # Wheels placed in .whl/ (fla-core, nvidia-cutlass) are installed to /tmp/site first.
+# An A/B of a kernel change in one call: scripts/device_ab.sh.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/device_out}
