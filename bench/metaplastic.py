@@ -21,7 +21,8 @@ Implementations (impl):
                   On Hopper with Triton in [3.4, 3.7.1) fla refuses its gated backward (wrong results,
                   fla issue #640): fwd_bwd is then timed with that guard lifted, time only, and labelled so.
                   It can also fault (an illegal address at 16x2048x16x32x64 on an H100), which ends the
-                  run: so fla runs after the other impls of a case.
+                  run: so fla comes after the other impls of a case in the default order (every second
+                  round of --rounds reverses it).
 
 Inputs (docs/metaplastic.md §4): q, k (B,T,H,dk) L2-normalised over dk; v (B,T,H,dv) ~ N(0,1);
 b = sigmoid(N(0,1)) (B,T,H,dv); log_alpha = -A_h * Delta (B,T,H) in float32 with A_h log-uniform
