@@ -12,13 +12,25 @@
 
 namespace cram {
 
+// 1.5 * 2^23: x log2(e) + kRoundShift holds round(x log2(e)) = n in its low mantissa bits, n
+// without a float-to-int conversion (undefined out of range, as at x = -inf) and without libm.
+constexpr float kRoundShift = 12582912.0f;
+
+// 2^n from `shifted` = n + kRoundShift (0x4B400000: the bits of kRoundShift).
+inline float two_to_the(float shifted) {
+  uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits - 0x4B400000u + 127u) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return scale;
+}
+
 inline float exp_vectorisable(float x_in) {
   // No lower clamp: below -87 the result is replaced by 0 at the end, whatever 2^n was.
   const float x = x_in > 88.0f ? 88.0f : x_in;
-  // x log2(e) + 1.5 * 2^23 holds round(x log2(e)) = n in its low mantissa bits: n without a
-  // float-to-int conversion (undefined out of range, as at x = -inf) and without libm.
-  const float shifted = x * 1.44269504088896341f + 12582912.0f;
-  const float n = shifted - 12582912.0f;
+  const float shifted = x * 1.44269504088896341f + kRoundShift;
+  const float n = shifted - kRoundShift;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, in two parts
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -27,12 +39,7 @@ inline float exp_vectorisable(float x_in) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  uint32_t bits;
-  std::memcpy(&bits, &shifted, sizeof(bits));
-  bits = (bits - 0x4B400000u + 127u) << 23;  // 2^n (0x4B400000: the bits of 1.5 * 2^23)
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x_in < -87.0f ? 0.0f : p * scale;
+  return x_in < -87.0f ? 0.0f : p * two_to_the(shifted);
 }
 
 inline double exp_vectorisable(double x) { return std::exp(x); }
@@ -48,8 +55,8 @@ inline double exp_vectorisable(double x) { return std::exp(x); }
 template <bool kFma>
 inline float exp_nonpositive(float x) {
   const auto mul_add = [](float a, float b, float c) { return kFma ? std::fma(a, b, c) : a * b + c; };
-  const float shifted = mul_add(x, 1.44269504088896341f, 12582912.0f);
-  const float n = shifted - 12582912.0f;
+  const float shifted = mul_add(x, 1.44269504088896341f, kRoundShift);
+  const float n = shifted - kRoundShift;
   const float r = kFma ? std::fma(n, -0.693147180559945309f, x) : (x - n * 0.693359375f) + n * 2.12194440e-4f;
   // 1 + r + r^2 (c2 + c3 r + c4 r^2 + c5 r^3), coefficients fitted for the least maximum
   // relative error on [-ln2/2, ln2/2] (1.05e-7 in exact arithmetic).
@@ -57,12 +64,7 @@ inline float exp_nonpositive(float x) {
   p = mul_add(p, r, 1.6667114198207855e-1f);
   p = mul_add(p, r, 4.99992311000824e-1f);
   p = mul_add(p, r * r, r) + 1.0f;
-  uint32_t bits;
-  std::memcpy(&bits, &shifted, sizeof(bits));
-  bits = (bits - 0x4B400000u + 127u) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
+  return x < -87.0f ? 0.0f : p * two_to_the(shifted);
 }
 
 template <bool kFma>
