@@ -51,13 +51,15 @@ def collect(model: TransformerLM, tokens: Tensor) -> list[tuple[Tensor, Tensor]]
 
 
 def fit_predictor(x: Tensor, y: Tensor, steps: int = 400, seed: int = 0) -> nn.Module:
-    """An MLP E -> 2E -> H*D (the semantic memory's shape) fitted by Adam on (x, y)."""
+    """An MLP E -> 2E -> H*D (the semantic memory's shape) fitted by Adam on (x, y), on x's device."""
     torch.manual_seed(seed)
     z = F.layer_norm(x, (x.shape[-1],))
-    net = nn.Sequential(nn.Linear(x.shape[-1], 2 * x.shape[-1]), nn.GELU(), nn.Linear(2 * x.shape[-1], y.shape[-1]))
+    net = nn.Sequential(nn.Linear(x.shape[-1], 2 * x.shape[-1]), nn.GELU(),
+                        nn.Linear(2 * x.shape[-1], y.shape[-1])).to(x.device)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)  # the same minibatches on every device
     for _ in range(steps):
-        idx = torch.randint(0, x.shape[0], (min(4096, x.shape[0]),))
+        idx = torch.randint(0, x.shape[0], (min(4096, x.shape[0]),), generator=gen).to(x.device)
         loss = (net(z[idx]) - y[idx]).pow(2).mean()
         opt.zero_grad()
         loss.backward()
@@ -87,7 +89,7 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found.items())
 
 
-def probe_run(run_dir: Path, tols: list[float], examples: int = 256) -> dict:
+def probe_run(run_dir: Path, tols: list[float], examples: int = 256, device: str = "cpu") -> dict:
     cfg = json.loads((run_dir / "config.json").read_text())
     if cfg.get("model") != "transformer" or cfg["model_config"].get("attention") != "sdpa":
         # A routed layer's pre-projection output is the semantic memory's own at the tokens it
@@ -96,12 +98,13 @@ def probe_run(run_dir: Path, tols: list[float], examples: int = 256) -> dict:
                                   "--attention sdpa)")
     args = argparse.Namespace(**{k: v for k, v in cfg.items() if k not in ("model_config", "data")})
     task = make_task(args)
-    batch = task.eval_batch(examples, args.seed + 1, torch.device("cpu"))
+    batch = task.eval_batch(examples, args.seed + 1, torch.device(device))
     model, _ = checkpoint.load_run(run_dir)
+    model.to(device)
     heads = model.cfg.num_heads
     out = {"run": str(run_dir), "tolerances": tols, "examples": examples, "steps": []}
     for step, path in checkpoints(run_dir):
-        model.load_state_dict(checkpoint.load(path, "cpu")["model"])
+        model.load_state_dict(checkpoint.load(path, device)["model"])
         layers = []
         for x, y in collect(model, batch["inputs"]):
             half = x.shape[0] // 2
@@ -117,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tol", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     p.add_argument("--examples", type=int, default=256, help="held-out examples (half fit, half measure)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of torch (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="where the model runs and the predictors are fitted")
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    result = probe_run(args.run_dir, args.tol, args.examples)
+    result = probe_run(args.run_dir, args.tol, args.examples, args.device)
     (args.run_dir / "probe.json").write_text(json.dumps(result, indent=2))
     print("step   layer  " + "  ".join(f"tol {t}" for t in args.tol))
     for s in result["steps"]:

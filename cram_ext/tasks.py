@@ -271,12 +271,14 @@ def make_task(args: argparse.Namespace, **variant: Any) -> Task:
 def transfer_variant(args: argparse.Namespace) -> dict[str, Any] | None:
     """An unseen variant of the task for the transfer evaluation (None: the task has none).
     SRCD: twice the sequence length, stores and queries, and faster, less damped dynamics.
-    MQAR: twice the key-value pairs (as far as the sequence holds them)."""
+    MQAR: twice the key-value pairs (as far as the sequence holds them), the recurring ones
+    as many as the fixed table holds."""
     if args.task == "srcd":
         return {"seq_len": 2 * args.seq_len, "num_stores": 2 * args.num_stores, "num_queries": 2 * args.num_queries,
                 "freq_range": (3.0, 6.0), "damping_range": (0.005, 0.02)}
     if args.task == "mqar":
-        return {"num_kv_pairs": min(2 * args.num_kv_pairs, args.seq_len // 4)}
+        kv = min(2 * args.num_kv_pairs, args.seq_len // 4)
+        return {"num_kv_pairs": kv, "recurring_frac": min(args.recurring_frac, args.num_recurring_pairs / kv)}
     return None
 
 

@@ -34,6 +34,18 @@ def test_runs_are_collected_with_status_and_curve(tmp_path):
     assert png.stat().st_size > 1000
 
 
+def test_only_runs_the_named_runs(tmp_path):
+    runs = [{"name": "dense-s0", "args": TINY + ["--attention", "sdpa"]},
+            {"name": "dense-s1", "args": TINY + ["--attention", "sdpa", "--seed", "1"]},
+            {"name": "none-s0", "args": TINY + ["--routing", "none"]}]
+    spec = tmp_path / "runs.json"
+    spec.write_text(json.dumps(runs))
+    subprocess.run([sys.executable, "scripts/run_many.py", str(spec), "--out", str(tmp_path / "out"), "--only", "*-s0"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert sorted(r["name"] for r in results) == ["dense-s0", "none-s0"]
+
+
 def test_routing_kind_from_the_command():
     assert routing_kind("python -m cram_ext.train --attention sdpa") == "dense"
     assert routing_kind("python -m cram_ext.train --routing static --budget 0.2") == "static"

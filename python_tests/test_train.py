@@ -182,6 +182,21 @@ def test_mqar_task_runs(tmp_path):
     assert 0.0 <= summary["retrieval_acc"] <= 1.0 and summary["transfer"]["retrieval_acc"] >= 0.0
 
 
+@pytest.mark.parametrize("kv, table", [(32, 16), (8, 16), (16, 16)])
+def test_mqar_transfer_variant_fits_the_recurring_table(kv, table):
+    """Twice the pairs may need more recurring pairs than the fixed table holds (32 pairs, half
+    recurring: 32 from a table of 16); the variant keeps as many as the table has."""
+    from cram_ext.tasks import make_task, transfer_variant
+    args = train.build_parser().parse_args(
+        ["--task", "mqar", "--seq-len", "256", "--num-kv-pairs", str(kv), "--num-recurring-pairs", str(table),
+         "--vocab-size", "1024"])
+    variant = transfer_variant(args)
+    assert variant["num_kv_pairs"] == min(2 * kv, 64)
+    batch = make_task(args, **variant).eval_batch(4, 1, torch.device("cpu"))
+    recurring_per_example = (batch["recurring"] & (batch["labels"] != -100)).sum(1)
+    assert int(recurring_per_example.max()) == min(round(0.5 * variant["num_kv_pairs"]), table)
+
+
 def test_power_law_analysis():
     steps = [0, 100, 200, 400, 800, 1600, 3200]
     util = [1.0] + [3.0 * s**-0.43 for s in steps[1:]]

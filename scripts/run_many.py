@@ -1,6 +1,6 @@
 """Run many `python -m cram_ext.train` runs side by side on one machine and collect them.
 
-    python scripts/run_many.py RUNS.json --out DIR [--jobs 8] [--time-budget 500]
+    python scripts/run_many.py RUNS.json --out DIR [--jobs 8] [--time-budget 500] [--only 'mqar512-*' ...]
 
 RUNS.json is a list of {"name": ..., "args": [...train flags...]}. Each run writes to
 DIR/<name> (with --force --no-progress added); DIR/results.json gathers every run's
@@ -13,6 +13,7 @@ the host's cores go to the Python side of each.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import subprocess
@@ -46,8 +47,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--jobs", type=int, default=8)
     p.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; then every run left is killed")
+    p.add_argument("--only", nargs="+", metavar="PATTERN", help="run only the runs whose name matches a pattern")
     a = p.parse_args()
     runs = json.loads(a.runs.read_text())
+    if a.only:
+        runs = [r for r in runs if any(fnmatch.fnmatchcase(r["name"], pat) for pat in a.only)]
     a.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.monotonic()
