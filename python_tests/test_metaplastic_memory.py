@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close_rel
+from conftest import DEVICES, assert_close_rel
 
 import cram_ext
 from cram_ext import (BlockCache, CRAMConfig, CRAMModel, MetaplasticCache, MetaplasticMemory, ScanCache,
@@ -259,6 +259,24 @@ def test_float64_and_autocast():
         cache = layer.allocate_cache(2)
     assert cache.conv.dtype == torch.bfloat16 and cache.M.dtype == torch.float32
     assert_close_rel(y.float(), ref, 5e-2, "bf16 autocast")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_where_the_norm_runs_in_float32(device, monkeypatch):
+    """CUDA autocast runs the norm in float32, so F.normalize hands back float32 q and k beside
+    a bf16 v: the layer gives the op one dtype (it refused the mix, failing every GPU run of
+    the layer). On the CPU, where autocast leaves the norm in bf16, the upcast is imitated."""
+    if device == "cpu":
+        normalize = torch.nn.functional.normalize
+        monkeypatch.setattr(torch.nn.functional, "normalize", lambda u, dim: normalize(u.float(), dim=dim))
+    layer = _layer().to(device)
+    x = torch.randn(2, 9, E, device=device)
+    ref = layer(x)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert_close_rel(y.float(), ref, 5e-2, "bf16 autocast, float32 norm")
 
 
 # --------------------------------------------------------------------------- CRAM models

@@ -183,9 +183,10 @@ class MetaplasticMemory(nn.Module):
         H, dk, dv = self.num_heads, self.key_dim, self.value_dim
         qkv, tail = self._conv(self.qkv(x), None if cache is None else cache.conv)
         q, k, v = qkv.split([H * dk, H * dk, H * dv], dim=-1)
-        q = F.normalize(q.view(B, T, H, dk), dim=-1)
-        k = F.normalize(k.view(B, T, H, dk), dim=-1)
         v = v.view(B, T, H, dv)
+        # CUDA autocast runs the norm in float32, so normalize returns float32 beside a bf16 v.
+        q = F.normalize(q.view(B, T, H, dk), dim=-1).to(v.dtype)
+        k = F.normalize(k.view(B, T, H, dk), dim=-1).to(v.dtype)
         acc = accumulate_dtype(x.dtype)  # gates, decays and the norm: float32 (float64 for float64)
         log_alpha = -self.A_log.to(acc).exp() * F.softplus(self.decay(x).to(acc))  # (B, T, H)
         if dt is not None:
