@@ -60,6 +60,10 @@ CASES = [
     # CPU query blocks: 256 queries (T=613: 256, 256, 101), and blocks cut at a 256-position span
     Case("T613-all", B=1, T=613, S=613, H=2, Hk=1, pattern="all"),
     Case("T700-span", B=2, T=700, S=731, H=2, Hk=2, pattern="random", density=0.3),
+    # CPU row groups of 64 in a key chunk a block sees only in part: with 300 cached keys the
+    # first groups of a block see nothing of its last chunk; at density 0.93 blocks straddle chunks
+    Case("T1300-all-S>T", B=1, T=1300, S=1600, H=2, Hk=1, pattern="all"),
+    Case("T1100-dense-S>T", B=2, T=1100, S=1163, H=2, Hk=2, pattern="random", density=0.93),
 ]
 
 

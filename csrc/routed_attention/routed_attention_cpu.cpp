@@ -182,30 +182,54 @@ CRAM_TARGET_AVX2 void rescale_add_avx2(scalar_t* acc, const scalar_t* pv, const 
   rescale_add(acc, pv, alpha, n, D);
 }
 
+// Rows of a block that share one GEMM in a chunk some of them see only in part. The causal
+// band of a block of n consecutive positions is n x n, half of it masked; splitting the rows
+// into groups that each stop at their own last key leaves kRowGroup x kRowGroup triangles
+// instead (at density 1 and T = 4096, 4% fewer multiply-adds), while a chunk every row sees
+// whole stays one GEMM.
+constexpr int64_t kRowGroup = 64;
+
 // One query block over keys [0, nk): for each chunk of keys, S = q k^T (GEMM), then in one
 // pass per row the causal mask, the running max, exp and the row sum (online softmax: softmax_chunk), then
-// acc = alpha acc + P v (GEMM). `q_blk` is already multiplied by the softmax scale.
+// acc = alpha acc + P v (GEMM). `q_blk` is already multiplied by the softmax scale; `t_min` is
+// the block's first position.
 template <typename scalar_t>
 void attend_block(const at::Tensor& q_blk, const at::Tensor& k_seen, const at::Tensor& v_seen, const int64_t* pos,
-                  int64_t shift, at::Tensor& s_buf, at::Tensor& pv_buf, scalar_t* acc, scalar_t* m, scalar_t* l) {
+                  int64_t t_min, int64_t shift, at::Tensor& s_buf, at::Tensor& pv_buf, scalar_t* acc, scalar_t* m,
+                  scalar_t* l) {
   const int64_t n = q_blk.size(0), D = q_blk.size(1), nk = k_seen.size(0);
   constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
   std::fill(acc, acc + n * D, scalar_t(0));
   std::fill(m, m + n, kNegInf);
   std::fill(l, l + n, scalar_t(0));
   std::vector<scalar_t> alpha(n);
+  scalar_t* s_base = s_buf.data_ptr<scalar_t>();
+  at::Tensor pv = pv_buf.narrow(0, 0, n * D).view({n, D});
   for (int64_t c0 = 0; c0 < nk; c0 += kBlockK) {
     const int64_t kc = std::min(kBlockK, nk - c0);
-    at::Tensor s = s_buf.narrow(0, 0, n * kc).view({n, kc});
-    at::mm_out(s, q_blk, k_seen.narrow(0, c0, kc).t());
-    scalar_t* sp = s.data_ptr<scalar_t>();
-    if (cpu_has_avx2()) {
-      softmax_chunk_avx2(sp, n, kc, c0, pos, shift, m, l, alpha.data());
-    } else {
-      softmax_chunk<scalar_t, false>(sp, n, kc, c0, pos, shift, m, l, alpha.data());
+    const at::Tensor k_chunk = k_seen.narrow(0, c0, kc), v_chunk = v_seen.narrow(0, c0, kc);
+    const int64_t group = t_min + shift >= c0 + kc - 1 ? n : kRowGroup;  // every row sees the whole chunk
+    for (int64_t r0 = 0; r0 < n; r0 += group) {
+      const int64_t rows = std::min(group, n - r0);
+      const int64_t last = *std::max_element(pos + r0, pos + r0 + rows);
+      const int64_t kv = std::clamp<int64_t>(last + shift - c0 + 1, 0, kc);  // keys of the chunk these rows see
+      if (kv == 0) {
+        std::fill(alpha.begin() + r0, alpha.begin() + r0 + rows, scalar_t(1));
+        pv.narrow(0, r0, rows).zero_();
+        continue;
+      }
+      // Each group's scores are a contiguous (rows, kv) matrix at its rows' place in the buffer.
+      scalar_t* sp = s_base + r0 * kc;
+      at::Tensor s = s_buf.narrow(0, r0 * kc, rows * kv).view({rows, kv});
+      at::mm_out(s, q_blk.narrow(0, r0, rows), k_chunk.narrow(0, 0, kv).t());
+      if (cpu_has_avx2()) {
+        softmax_chunk_avx2(sp, rows, kv, c0, pos + r0, shift, m + r0, l + r0, alpha.data() + r0);
+      } else {
+        softmax_chunk<scalar_t, false>(sp, rows, kv, c0, pos + r0, shift, m + r0, l + r0, alpha.data() + r0);
+      }
+      at::Tensor pv_rows = pv.narrow(0, r0, rows);
+      at::mm_out(pv_rows, s, v_chunk.narrow(0, 0, kv));
     }
-    at::Tensor pv = pv_buf.narrow(0, 0, n * D).view({n, D});
-    at::mm_out(pv, s, v_seen.narrow(0, c0, kc));
     if (cpu_has_avx2()) {
       rescale_add_avx2(acc, pv.data_ptr<scalar_t>(), alpha.data(), n, D);
     } else {
@@ -243,7 +267,8 @@ void routed_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at
         const at::Tensor k_seen = k[b].select(1, h / group).narrow(0, 0, nk);
         const at::Tensor v_seen = v[b].select(1, h / group).narrow(0, 0, nk);
         const int64_t* pos = blk.pos.data_ptr<int64_t>();
-        attend_block<scalar_t>(q_blk, k_seen, v_seen, pos, shift, s_buf, pv_buf, acc.data(), m.data(), l.data());
+        attend_block<scalar_t>(q_blk, k_seen, v_seen, pos, blk.t_min, shift, s_buf, pv_buf, acc.data(), m.data(),
+                                 l.data());
         // out and lse are contiguous, (B, T, H, D) and (B, H, T).
         for (int64_t r = 0; r < n; ++r) {
           scalar_t* dst = o + ((b * T + pos[r]) * H + h) * D;
