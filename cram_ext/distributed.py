@@ -250,7 +250,13 @@ def restore_rank_state(state: dict, net: nn.Module, d: Dist) -> None:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
 
-def finish() -> None:
-    """Leave the process group, if this process joined one."""
+def finish(completed: bool = False) -> None:
+    """Leave the process group, if this process joined one. After a completed run the ranks
+    first meet at a barrier, so that none tears its connections down while another still
+    works (rank 0 writes the summary after the others are done; a rank that left early made
+    the other abort in gloo's teardown, once in many runs: "terminate called without an active
+    exception"). After a failure nobody waits: the other ranks may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()

@@ -129,14 +129,16 @@ def run(args: argparse.Namespace) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    completed = False
     try:
         summary = run(args)
+        completed = True
     except checkpoint.RunError as e:
         if distributed.from_env().main:
             print(f"python -m cram_ext.train: error: {e}", file=sys.stderr)
         return 2
     finally:
-        distributed.finish()
+        distributed.finish(completed)
     if summary is not None:  # rank 0
         print(analysis.summary_line(summary, run_dir(args) / "summary.json"))
     return 0
