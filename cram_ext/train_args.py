@@ -76,8 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tol", type=float, help="target predict: the semantic memory's relative error")
     m.add_argument("--probe", type=float, help="target loss: fraction of probe tokens")
     m.add_argument("--loss-tol", type=float, help="target loss: nats per token")
-    m.add_argument("--memory", action=argparse.BooleanOptionalAction,
-                   help="the router and the semantic memory read a gated scan of the input too")
+    m.add_argument("--memory", nargs="?", const="scan", choices=["scan", "metaplastic"],
+                   help="the router and the semantic memory read a working memory of the input too: the gated "
+                        "scan (--memory alone) or the metaplastic memory")
+    m.add_argument("--no-memory", dest="memory", action="store_const", const=False,
+                   help="no working memory inside the layer")
     m.add_argument("--router-bias-init", type=float)
     m.add_argument("--router-warmup", type=int,
                    help="training steps with every token routed while attention learns (the layer's warmup)")

@@ -151,11 +151,12 @@ def test_routed_attention_decode_equals_full_forward(memory, num_kv_heads, rope_
     assert_close_rel(cache.k, k, TOL)
 
 
+@pytest.mark.parametrize("memory", [True, "metaplastic"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_routed_attention_decode_on_device(device):
+def test_routed_attention_decode_on_device(device, memory):
     """Everything routed (the warm-up): the same outputs on any device, within its precision."""
     e = E if device == "cpu" else 128
-    layer = RoutedAttention(e, e // (8 if device == "cpu" else 64), memory=True).to(device).eval()
+    layer = RoutedAttention(e, e // (8 if device == "cpu" else 64), memory=memory).to(device).eval()
     x = torch.randn(2, 9, e, device=device)
     full = _full(layer, x)
     cache = layer.allocate_cache(2, 12)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import DEVICES
 
 import cram_ext
-from cram_ext import RoutedAttention, WorkingMemory, aux_losses
+from cram_ext import MetaplasticMemory, RoutedAttention, WorkingMemory, aux_losses
 
 E, H = 32, 4
 
@@ -140,7 +140,8 @@ def test_training_losses_reach_every_parameter(device, target):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("target, memory", [("predict", False), ("loss", False), ("loss", True)])
+@pytest.mark.parametrize("target, memory", [("predict", False), ("loss", False), ("loss", True),
+                                            ("loss", "metaplastic")])
 def test_router_and_semantic_losses_train_only_themselves(device, target, memory):
     """The consolidation and router losses reach the router and the semantic MLP (and the
     layer's own working memory), and neither the layer's input nor attention's projections
@@ -173,6 +174,16 @@ def test_eval_is_deterministic_and_explores_only_in_training(device):
     with torch.no_grad():
         layer(x)
     assert 0.2 < float(layer.last_stats["utilization"]) < 0.8  # the forced half
+
+
+def test_memory_kinds():
+    assert isinstance(RoutedAttention(32, 4, memory=True).memory, WorkingMemory)
+    assert isinstance(RoutedAttention(32, 4, memory="scan").memory, WorkingMemory)
+    memory = RoutedAttention(32, 4, memory="metaplastic").memory
+    assert isinstance(memory, MetaplasticMemory) and memory.num_heads == 4
+    assert RoutedAttention(32, 4, memory=False).memory is None and RoutedAttention(32, 4, memory=None).memory is None
+    with pytest.raises(ValueError, match="memory must be one of"):
+        RoutedAttention(32, 4, memory="gla")
 
 
 def test_bad_head_configuration():

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from conftest import assert_close_rel
 from test_decode import E, H, TOL, _cram, _route_about_half, _routed_layers, _transformer
 
-from cram_ext import CRAMConfig, CRAMModel, RoutedAttention, WorkingMemory
+from cram_ext import CRAMConfig, CRAMModel, MetaplasticMemory, RoutedAttention, WorkingMemory
 from cram_ext.models.transformer import CausalSelfAttention
 
 LENGTHS = (7, 3, 5, 1)  # a full row, a row of one token, and two in between
@@ -36,8 +36,12 @@ def _attention_layers() -> dict:
         "routed": lambda x: _route_about_half(RoutedAttention(E, H, warmup=0), x),
         "routed-memory-gqa-rope": lambda x: _route_about_half(
             RoutedAttention(E, H, 2, warmup=0, memory=True, rope_base=10000.0), x),
+        "routed-metaplastic": lambda x: _route_about_half(RoutedAttention(E, H, warmup=0, memory="metaplastic"), x),
         "dense-gqa-rope": lambda x: CausalSelfAttention(E, H, 2, rope_base=10000.0).eval(),
     }
+
+
+MEMORIES = {"working-memory": lambda: WorkingMemory(E, 24), "metaplastic-memory": lambda: MetaplasticMemory(E, H)}
 
 
 def _drops_some(masks: list[torch.Tensor], real: torch.Tensor) -> None:
@@ -49,12 +53,12 @@ def _drops_some(masks: list[torch.Tensor], real: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("kind", [*_attention_layers(), "working-memory"])
+@pytest.mark.parametrize("kind", [*_attention_layers(), *MEMORIES])
 def test_padded_rows_equal_each_row_alone(kind, side):
     B = len(LENGTHS)
     mask = _mask(LENGTHS, T0, side)
     x = torch.randn(B, T0, E)
-    layer = WorkingMemory(E, 24) if kind == "working-memory" else _attention_layers()[kind](x)
+    layer = MEMORIES[kind]() if kind in MEMORIES else _attention_layers()[kind](x)
     routed = _routed_layers(layer)
     with torch.no_grad():
         out = layer(x, attention_mask=mask)
@@ -69,7 +73,7 @@ def test_padded_rows_equal_each_row_alone(kind, side):
         for m, r in zip(masks, routed):
             assert torch.equal(m[b, real], r.last_mask[0]), f"row {b}: routing differs from the row alone"
             assert not m[b, ~mask[b]].any(), "a pad counted as attended"
-        if kind != "working-memory":
+        if kind != "working-memory":  # the scan's output at a pad is its state's read-out there
             assert not out[b, ~mask[b]].any(), "outputs at pads are zeros"
     for m, s in zip(masks, stats):
         assert float(s["utilization"]) == pytest.approx(float(m[mask].float().mean()))
@@ -162,6 +166,8 @@ def _models() -> dict:
         "transformer-rope": lambda tokens: _transformer("routed", "rope", tokens),
         "transformer-dense-learned": lambda tokens: _transformer("sdpa", "learned", tokens),
         "cram": lambda tokens: _cram(tokens, vocab_size=29, routed=dict(warmup=0, memory=True)),
+        "cram-metaplastic": lambda tokens: _cram(tokens, vocab_size=29, memory="metaplastic",
+                                                 routed=dict(warmup=0, memory="metaplastic")),
     }
 
 
@@ -218,7 +224,7 @@ def test_padded_prompt_then_steps_equal_each_row_alone(kind, side):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("kind", ["transformer-learned", "transformer-rope", "cram"])
+@pytest.mark.parametrize("kind", ["transformer-learned", "transformer-rope", "cram", "cram-metaplastic"])
 def test_generate_from_padded_prompts_equals_each_row_alone(kind, side):
     lengths = (5, 2, 4)
     mask = _mask(lengths, 5, side)
@@ -264,9 +270,8 @@ def test_bad_masks_and_what_padding_cannot_do():
     with pytest.raises(NotImplementedError, match="no_grad"):
         layer(x[:, :5], cache=cache, attention_mask=mask)
         layer(x[:, :1], cache=cache)
-    model = CRAMModel(CRAMConfig(d_model=E, num_heads=H, vocab_size=11, memory="metaplastic"))
-    with pytest.raises(NotImplementedError, match="metaplastic"):
-        model(torch.zeros(2, 5, dtype=torch.long), attention_mask=mask)
+    with pytest.raises(ValueError, match="MetaplasticMemory: attention_mask.*contiguous"):
+        MetaplasticMemory(E, H)(x, attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 1, 1]]))
 
 
 # ------------------------------------------------------------------------ CUDA graphs

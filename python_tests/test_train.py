@@ -321,3 +321,21 @@ def test_init_like_dense_shares_the_dense_models_draws():
     assert all(torch.equal(dense[k], like[k]) for k in dense)
     assert torch.equal(dense_rng, like_rng)
     assert not all(torch.equal(dense[k], plain[k]) for k in dense if k.endswith("weight"))
+
+
+def test_layer_memory_flag(tmp_path):
+    """--memory alone is the gated scan, --memory metaplastic the metaplastic memory, inside each
+    RoutedAttention; a run whose config.json holds the flag's older on/off value (true) resumes
+    under --memory."""
+    parser = train.build_parser()
+    assert parser.parse_args(["--memory"]).memory == "scan"
+    assert parser.parse_args(["--no-memory"]).memory is False
+    args = parser.parse_args(
+        ["--task", "lm", "--model", "transformer", "--layers", "1", "--d-model", "32", "--heads", "2", "--seq-len",
+         "32", "--batch-size", "4", "--steps", "3", "--eval-every", "3", "--eval-examples", "4", "--device", "cpu",
+         "--no-progress", "--router-warmup", "1", "--memory", "metaplastic", "--out", str(tmp_path)])
+    train.run(args)
+    model, _ = checkpoint.load_run(tmp_path)
+    assert type(model.blocks[0].attn.memory).__name__ == "MetaplasticMemory"
+    assert checkpoint.mismatches({"memory": True}, {"memory": "scan"}) == []
+    assert checkpoint.mismatches({"memory": True}, {"memory": "metaplastic"}) == ["--memory: 'scan' -> 'metaplastic'"]

@@ -75,9 +75,6 @@ class CRAMBlock(nn.Module):
                 attention_mask: Tensor | None = None) -> Tensor | tuple[Tensor, BlockCache]:
         """(B, T, E) -> (B, T, E); with `cache` (from `allocate_cache`), (output, cache) for the
         T tokens that follow the cached ones; `attention_mask` (B, T), True at real tokens."""
-        if attention_mask is not None and isinstance(self.memory, MetaplasticMemory):
-            raise NotImplementedError("CRAMBlock: attention_mask (padded rows) is not supported with "
-                                      "memory='metaplastic' yet: its short convolution would read the pads")
         masked = {} if attention_mask is None else {"attention_mask": attention_mask}
         if cache is None:
             if self.memory is not None:

@@ -72,7 +72,8 @@ class KVCache:
     """Keys and values of every past token of one attention layer, in buffers of a static length.
 
     Every token writes its key and value, routed or not (a later routed token attends to all of
-    them). A RoutedAttention with `memory=True` keeps its working memory's scan state in `memory`.
+    them). A RoutedAttention with a working memory (memory="scan" or "metaplastic") keeps its
+    state (a ScanCache or a MetaplasticCache) in `memory`.
 
     Rows may hold different numbers of tokens: a prompt with a padding mask leaves row b
     with lengths[b] tokens at [0, lengths[b]) (the layers shift each row's real tokens to its
@@ -95,7 +96,7 @@ class KVCache:
 
     k: Tensor
     v: Tensor
-    memory: ScanCache | None = None
+    memory: ScanCache | MetaplasticCache | None = None
     position: int = 0
     lengths: Tensor | None = None
     ragged: bool = False
@@ -107,7 +108,8 @@ class KVCache:
 
     @classmethod
     def zeros(cls, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-              device: torch.device | str | None = None, memory: ScanCache | None = None) -> KVCache:
+              device: torch.device | str | None = None,
+              memory: ScanCache | MetaplasticCache | None = None) -> KVCache:
         """Buffers for `max_len` tokens, nothing written yet."""
         if max_len < 1:
             raise ValueError(f"KVCache: max_len must be >= 1, got {max_len}")

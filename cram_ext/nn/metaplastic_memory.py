@@ -14,6 +14,7 @@ from ..ops import metaplastic_scan, metaplastic_step
 from ..reference import accumulate_dtype
 from ..reference_metaplastic import MetaplasticState
 from .cache import compute_dtype, initial_state
+from .padding import Padding
 
 __all__ = ["MetaplasticCache", "MetaplasticMemory"]
 
@@ -117,6 +118,11 @@ class MetaplasticMemory(nn.Module):
     (B, H, d_v, d_k) (the convolution still starts from zeros). The final state of the last
     forward is kept in `last_state` (a MetaplasticState).
 
+    forward(x, attention_mask=mask): mask (B, T) bool (or 0/1), True at real tokens, each row's
+    real tokens one contiguous run (left or right padding): every row is computed as if it held
+    its real tokens alone (the state passes pads unchanged, the convolution never reads one, the
+    output is 0 at pads), with a cache too.
+
     forward(x, dt=None, cache=cache) continues from a `MetaplasticCache` (`allocate_cache`):
     the scan starts from its state and the convolution from its tail, both written back in
     place, and returns (output, cache). Feeding a sequence in pieces gives what one forward
@@ -165,23 +171,39 @@ class MetaplasticMemory(nn.Module):
         """I_p, (H,), > 0."""
         return F.softplus(self.prior_raw)
 
-    def _conv(self, u: Tensor, tail: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _conv(self, u: Tensor, tail: Tensor | None, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Causal depthwise convolution of u (B, T, C) after `tail` (B, K-1, C) (zeros when None),
-        then SiLU; returns it and the new tail (the last K-1 inputs)."""
+        then SiLU; returns it and the new tail: the last K-1 inputs, or with `lengths` (B,) (rows
+        whose real tokens come first) the K-1 inputs before each row's first pad."""
         K = self.conv_size
         if tail is None:
             padded = F.pad(u, (0, 0, K - 1, 0))
         else:
             padded = torch.cat([tail.to(u.dtype), u], dim=1)
         y = F.conv1d(padded.transpose(1, 2), self.conv.weight.to(u.dtype), groups=u.shape[-1]).transpose(1, 2)
-        return F.silu(y), padded[:, padded.shape[1] - (K - 1):]
+        if lengths is None:
+            return F.silu(y), padded[:, padded.shape[1] - (K - 1):]
+        # Row b's real inputs sit at [K-1, K-1+lengths[b]) of `padded`.
+        index = lengths[:, None] + torch.arange(K - 1, device=u.device)
+        return F.silu(y), padded.gather(1, index[..., None].expand(-1, -1, padded.shape[-1]))
 
     def forward(self, x: Tensor, dt: Tensor | None = None, h0: tuple[Tensor, Tensor] | None = None,
-                cache: MetaplasticCache | None = None) -> Tensor | tuple[Tensor, MetaplasticCache]:
+                cache: MetaplasticCache | None = None,
+                attention_mask: Tensor | None = None) -> Tensor | tuple[Tensor, MetaplasticCache]:
         h0 = initial_state("MetaplasticMemory", x, h0, cache)
         B, T, _ = x.shape
         H, dk, dv = self.num_heads, self.key_dim, self.value_dim
-        qkv, tail = self._conv(self.qkv(x), None if cache is None else cache.conv)
+        pad = None
+        if attention_mask is not None:
+            # Rows rotated so that their real tokens come first: the convolution then reads no
+            # pad before a real token, and the pads after them neither write nor decay the state.
+            pad = Padding.from_mask("MetaplasticMemory", attention_mask, B, T, x.device)
+            x = pad.shift(x)
+            dt = None if dt is None else pad.shift(dt)
+        u = self.qkv(x)
+        if pad is not None:
+            u = u * pad.valid.unsqueeze(-1)
+        qkv, tail = self._conv(u, None if cache is None else cache.conv, None if pad is None else pad.lengths)
         q, k, v = qkv.split([H * dk, H * dk, H * dv], dim=-1)
         v = v.view(B, T, H, dv)
         # CUDA autocast runs the norm in float32, so normalize returns float32 beside a bf16 v.
@@ -193,10 +215,13 @@ class MetaplasticMemory(nn.Module):
             log_alpha = log_alpha * dt.unsqueeze(-1)
         beta = torch.sigmoid(self.write_gate(x)).unsqueeze(-1) * torch.sigmoid(self.beta_up(self.beta_down(x))).view(
             B, T, H, dv)
+        if pad is not None:  # pads: a = 1, nothing written
+            log_alpha = log_alpha * pad.valid.unsqueeze(-1)
+            beta = beta * pad.valid[:, :, None, None]
         beta = beta.to(v.dtype)
         prior = self.prior.to(acc)
         b = beta if self.metaplastic else torch.zeros_like(beta)
-        stepped = cache is not None and T == 1 and not torch.is_grad_enabled()
+        stepped = cache is not None and T == 1 and not torch.is_grad_enabled() and pad is None
         if stepped:  # the cache's state is updated in place
             o = metaplastic_step(q[:, 0], k[:, 0], beta[:, 0] * v[:, 0], b[:, 0], log_alpha[:, 0], prior,
                                  (cache.M, cache.Ibar)).unsqueeze(1)
@@ -211,6 +236,8 @@ class MetaplasticMemory(nn.Module):
         of = of * torch.rsqrt(of.square().mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight.to(acc)
         gate = self.out_gate(x).view(B, T, H, dv)
         y = self.out((of.to(gate.dtype) * F.silu(gate)).reshape(B, T, H * dv))
+        if pad is not None:
+            y = pad.unshift(y)
         if cache is None:
             return y
         # In place: the buffers keep their addresses across steps (CUDA graphs).

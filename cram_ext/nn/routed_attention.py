@@ -26,10 +26,12 @@ from ..route_types import Route
 from .cache import KVCache, ScanCache, compute_dtype
 from .padding import Padding
 from .rotary import apply_rotary
+from .metaplastic_memory import MetaplasticMemory
 from .working_memory import WorkingMemory
 
 ROUTING_MODES = ("learned", "dense", "none", "topk")
 TARGETS = ("predict", "loss")
+MEMORIES = (False, None, True, "scan", "metaplastic")  # memory=: none, none, scan, scan, metaplastic
 
 
 class RoutedAttention(nn.Module):
@@ -82,10 +84,11 @@ class RoutedAttention(nn.Module):
         head_dim: D, default E // H (a model whose heads are not E // H wide sets it).
         projections: False for a model that owns its q/k/v/out projections and calls `mix`
             (cram_ext.hf); `forward` then refuses to run.
-        memory: the router and the semantic memory read the normalised input plus a gated
-            scan over it (a causal summary of the past). The scan learns through the semantic
-            memory (its distillation, and the task loss where its output is used), never
-            through the layer's input.
+        memory: the router and the semantic memory read the normalised input plus a working
+            memory over it (a causal summary of the past): True or "scan", a gated scan
+            (WorkingMemory); "metaplastic", a MetaplasticMemory with `num_heads` heads; False
+            or None, none. The memory learns through the semantic memory (its distillation,
+            and the task loss where its output is used), never through the layer's input.
 
     After each forward, `last_stats` holds `utilization` (routed / all tokens) and
     `attn_flop_fraction` (sum of (t+1) over routed t / over all t) as detached 0-dim
@@ -129,7 +132,7 @@ class RoutedAttention(nn.Module):
         target: str = "loss",
         probe: float = 0.05,
         loss_tol: float = 0.2,
-        memory: bool = False,
+        memory: bool | str | None = False,
         rope_base: float | None = None,
         head_dim: int | None = None,
         projections: bool = True,
@@ -171,7 +174,13 @@ class RoutedAttention(nn.Module):
         self.router_bias = nn.Parameter(torch.tensor(float(router_bias_init)))
         hidden = 2 * embed_dim if semantic_hidden is None else semantic_hidden
         self.semantic = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, inner))
-        self.memory = WorkingMemory(embed_dim) if memory else None
+        if memory not in MEMORIES:
+            raise ValueError(f"memory must be one of {MEMORIES}, got {memory!r}")
+        self.memory: WorkingMemory | MetaplasticMemory | None = None
+        if memory is True or memory == "scan":
+            self.memory = WorkingMemory(embed_dim)
+        elif memory == "metaplastic":
+            self.memory = MetaplasticMemory(embed_dim, num_heads, head_dim=self.head_dim)
         self.last_stats: dict[str, Tensor] = {}
         self.last_mask: Tensor | None = None
         self.last_probe: Tensor | None = None
@@ -237,7 +246,7 @@ class RoutedAttention(nn.Module):
     def allocate_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> KVCache:
         """An empty KVCache for `batch_size` rows of up to `max_len` tokens (with the state of
-        the layer's working memory when memory=True). `dtype` is the dtype the layer computes
+        the layer's working memory when it has one). `dtype` is the dtype the layer computes
         its keys in: default its parameters', or the autocast dtype where autocast is on now.
         On CUDA a head dim the kernels do not take (64 and 128) is stored zero-padded to the next
         one, so that a decoding step reads the cache as it is instead of padding a copy of it."""
