@@ -175,26 +175,35 @@ def run_impl(spec: Bench, impl: Impl, case: Case, passes: Sequence[str], runner:
 
 
 def run_case(spec: Bench, shape: dict, dtype: torch.dtype, impls: Sequence[Impl], passes: Sequence[str],
-             densities: Sequence[float], runner: Runner, args) -> None:
-    """One shape and dtype: the impls that run once per case, then the routed ones at each density.
-    The case (and its tensors) lives only here: freed before the next one is made."""
+             densities: Sequence[float], runner: Runner, args, mirrored: bool = False) -> None:
+    """One shape and dtype: the impls that run once per case, then the routed ones at each density;
+    `mirrored`, the same in the opposite order (routed first, the densities from the last, each
+    density's impls reversed). The case (and its tensors) lives only here: freed before the next
+    one is made."""
     print(f"\n== {shape_str(shape)}  {dtype_name(dtype)}", flush=True)
     case = Case(shape=shape, dtype=dtype, device=runner.env.device, density=None, label="", tol=spec.tol(dtype),
                 args=args)
     case = runner.attempt(f"shape {shape_str(shape)}", spec.setup, case)
     if case is None:
         return
-    for impl in impls:
-        if not impl.routed:
-            run_impl(spec, impl, case, passes, runner)
-    routed = [i for i in impls if i.routed]
-    for density in densities if routed else ():
-        at = runner.attempt(f"rho={density} {shape_str(shape)}", spec.at_density, case, density)
-        if at is None:  # the routing could not be made (e.g. out of memory): a note, the next density
-            continue
-        for impl in routed:
-            run_impl(spec, impl, at, passes, runner)
-        del at
+
+    def run_once() -> None:
+        for impl in impls:
+            if not impl.routed:
+                run_impl(spec, impl, case, passes, runner)
+
+    def run_routed() -> None:
+        routed = [i for i in impls if i.routed]
+        for density in (densities[::-1] if mirrored else densities) if routed else ():
+            at = runner.attempt(f"rho={density} {shape_str(shape)}", spec.at_density, case, density)
+            if at is None:  # the routing could not be made (e.g. out of memory): a note, the next density
+                continue
+            for impl in routed:
+                run_impl(spec, impl, at, passes, runner)
+            del at
+
+    for part in ((run_routed, run_once) if mirrored else (run_once, run_routed)):
+        part()
     del case
     free_memory(runner.env.device)
 
@@ -248,10 +257,13 @@ def main(spec: Bench, argv: Sequence[str] | None = None) -> int:
         for round_ in range(rounds):
             if rounds > 1:
                 print(f"\n-- round {round_ + 1} of {rounds}")
-            order = impls if round_ % 2 == 0 else impls[::-1]
+            # Every other round in the mirrored order, so that over the rounds each measurement
+            # stands as near to its baseline as every other (a machine's speed drifts in minutes).
+            mirrored = round_ % 2 == 1
+            order = impls[::-1] if mirrored else impls
             for shape in shapes:
                 for dtype in dtypes:
-                    run_case(spec, shape, dtype, order, passes, densities, runner, args)
+                    run_case(spec, shape, dtype, order, passes, densities, runner, args, mirrored)
             args.check = False  # the outputs are the same every round: checked in the first
     except Fatal as e:
         print(f"\nFATAL (device error, stopping): {e}")

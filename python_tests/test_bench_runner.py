@@ -67,6 +67,18 @@ def test_a_routing_that_cannot_be_made_is_a_note_and_the_next_density_runs(tmp_p
     assert [r["density"] for r in runner.sink.records] == [1.0]
 
 
+def test_mirrored_rounds_run_the_routed_densities_first_and_from_the_last(tmp_path):
+    spec = _bench(lambda case, density: case.derive(density=density, label=f"rho={density}"))
+    spec.impls.append(Impl("dense", lambda case: Call(lambda x: x + 1, (case.x,)), ("fwd",), routed=False))
+    runner = Runner(Env(torch.device("cpu"), "cpu", torch.__version__, "test"), Sink(tmp_path / "r.json"),
+                    TimingConfig(warmup_ms=0, rep_ms=1, min_reps=1, max_reps=2))
+    for mirrored in (False, True):
+        run_case(spec, {"B": 1, "T": 4, "C": 2}, torch.float32, spec.impls, ["fwd"], [0.1, 1.0], runner,
+                 SimpleNamespace(check=False), mirrored)
+    order = [(r["impl"], r["density"]) for r in runner.sink.records]
+    assert order == [("dense", None), ("twice", 0.1), ("twice", 1.0), ("twice", 1.0), ("twice", 0.1), ("dense", None)]
+
+
 def test_record_fields_are_set_on_each_record(tmp_path):
     """A Bench's record_fields(case, pass, impl) adds fields to that record, and may replace its own
     (bench.metaplastic: flops None for fla's GLA, the device's peak beside the count)."""
