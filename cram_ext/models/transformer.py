@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..generation import GenerateOutput, generate
-from ..nn import BlockCache, KVCache, ModelCache, RoutedAttention, apply_rotary
+from ..nn import BlockCache, KVCache, ModelCache, RoutedAttention
 from ..nn.cache import compute_dtype
-from ..nn.padding import Padding, as_bool_mask
+from ..nn.attention_inputs import attention_inputs
+from ..nn.padding import as_bool_mask
 
 ATTENTION = ("routed", "sdpa")
 POSITIONS = ("learned", "rope")
@@ -65,18 +66,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cache: KVCache | None = None,
                 attention_mask: Tensor | None = None) -> Tensor | tuple[Tensor, KVCache]:
-        B, T, _ = x.shape
-        pad = None
-        if attention_mask is not None:
-            pad = Padding.from_mask("CausalSelfAttention", attention_mask, B, T, x.device)
-            x = pad.shift(x)
-        step = cache is not None and T == 1 and pad is None
-        offset = cache.lengths if step else (0 if cache is None else cache.position)
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        if self.rope_base is not None:
-            q, k = apply_rotary(q, self.rope_base, offset), apply_rotary(k, self.rope_base, offset)
+        T = x.shape[1]
+        inputs = attention_inputs("CausalSelfAttention", self, x, cache, attention_mask)
+        x, pad, step, q, k, v = inputs.x, inputs.pad, inputs.step, inputs.q, inputs.k, inputs.v
         gqa = self.num_kv_heads != self.num_heads
         mask = None
         if step:

@@ -25,7 +25,7 @@ from ..ops import route, routed_attention, routed_decode
 from ..route_types import Route
 from .cache import KVCache, ScanCache, compute_dtype
 from .padding import Padding
-from .rotary import apply_rotary
+from .attention_inputs import attention_inputs
 from .metaplastic_memory import MetaplasticMemory
 from .working_memory import WorkingMemory
 
@@ -199,21 +199,11 @@ class RoutedAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"RoutedAttention: expected x of shape (B, T, E={self.embed_dim}), got "
                              f"{tuple(x.shape)}" + (" (add a batch dimension: x.unsqueeze(0))" if x.dim() == 2 else ""))
-        B, T, _ = x.shape
-        pad = None
-        if attention_mask is not None:
-            pad = Padding.from_mask("RoutedAttention", attention_mask, B, T, x.device)
-            x = pad.shift(x)
-        # A one-token step goes through the cache's per-row lengths (rows may differ).
-        step = cache is not None and T == 1 and pad is None
         if cache is not None:
             self._check_decoding(cache)
-        offset = cache.lengths if step else (0 if cache is None else cache.position)
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        if self.rope_base is not None:
-            q, k = apply_rotary(q, self.rope_base, offset), apply_rotary(k, self.rope_base, offset)
+        B, T, _ = x.shape
+        inputs = attention_inputs("RoutedAttention", self, x, cache, attention_mask)
+        x, pad, step, q, k, v = inputs.x, inputs.pad, inputs.step, inputs.q, inputs.k, inputs.v
         if cache is not None and cache.k.shape[-1] != self.head_dim:  # a cache kept at the kernels' head dim
             k, v = (F.pad(t, (0, cache.k.shape[-1] - self.head_dim)) for t in (k, v))
         seqlens = None
