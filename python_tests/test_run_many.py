@@ -16,15 +16,20 @@ TINY = ["--task", "lm", "--model", "transformer", "--layers", "1", "--d-model", 
         "--no-transfer"]
 
 
+def _run_many(tmp_path: Path, runs: list[dict], *flags: str) -> list[dict]:
+    """scripts/run_many.py over `runs` with `flags`; its results.json."""
+    spec = tmp_path / "runs.json"
+    spec.write_text(json.dumps(runs))
+    subprocess.run([sys.executable, "scripts/run_many.py", str(spec), "--out", str(tmp_path / "out"), *flags],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return json.loads((tmp_path / "out" / "results.json").read_text())
+
+
 def test_runs_are_collected_with_status_and_curve(tmp_path):
     runs = [{"name": "dense", "args": TINY + ["--attention", "sdpa"]},
             {"name": "static", "args": TINY + ["--routing", "static", "--budget", "0.5"]},
             {"name": "broken", "args": TINY + ["--steps", "0"]}]
-    spec = tmp_path / "runs.json"
-    spec.write_text(json.dumps(runs))
-    subprocess.run([sys.executable, "scripts/run_many.py", str(spec), "--out", str(tmp_path / "out"), "--jobs", "2"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
-    results = {r["name"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
+    results = {r["name"]: r for r in _run_many(tmp_path, runs, "--jobs", "2")}
     assert results["dense"]["status"] == "ok" and results["static"]["status"] == "ok"
     assert results["broken"]["status"] == "exit 2" and "positive" in results["broken"]["log_tail"]
     assert [e["step"] for e in results["static"]["eval"]] == [0, 2, 4]
@@ -38,12 +43,7 @@ def test_only_runs_the_named_runs(tmp_path):
     runs = [{"name": "dense-s0", "args": TINY + ["--attention", "sdpa"]},
             {"name": "dense-s1", "args": TINY + ["--attention", "sdpa", "--seed", "1"]},
             {"name": "none-s0", "args": TINY + ["--routing", "none"]}]
-    spec = tmp_path / "runs.json"
-    spec.write_text(json.dumps(runs))
-    subprocess.run([sys.executable, "scripts/run_many.py", str(spec), "--out", str(tmp_path / "out"), "--only", "*-s0"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert sorted(r["name"] for r in results) == ["dense-s0", "none-s0"]
+    assert sorted(r["name"] for r in _run_many(tmp_path, runs, "--only", "*-s0")) == ["dense-s0", "none-s0"]
 
 
 def test_routing_kind_from_the_command():
