@@ -11,8 +11,8 @@ reads; --out PATH writes PATH.
 from __future__ import annotations
 
 import json
-import statistics
 import os
+import statistics
 import time
 from pathlib import Path
 

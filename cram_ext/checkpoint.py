@@ -81,16 +81,11 @@ def normalise(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config, default=str))
 
 
-# Values an older version of a flag wrote, as the flag spells them now: --memory was on/off.
-LEGACY_VALUES = {"memory": {True: "scan"}}
-
-
 def mismatches(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
     """The arguments, other than RESUMABLE ones, whose values differ, as 'name: saved -> given'."""
     saved, given = normalise(saved), normalise(given)
-    for key, renamed in LEGACY_VALUES.items():
-        if saved.get(key) is True and True in renamed:
-            saved[key] = renamed[True]
+    if saved.get("memory") is True:  # --memory was on/off before it named the memory: on is the scan
+        saved["memory"] = "scan"
     keys = sorted((saved.keys() | given.keys()) - RESUMABLE)
     return [f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {given.get(k)!r}" for k in keys
             if saved.get(k) != given.get(k)]

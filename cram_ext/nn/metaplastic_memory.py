@@ -200,10 +200,9 @@ class MetaplasticMemory(nn.Module):
             pad = Padding.from_mask("MetaplasticMemory", attention_mask, B, T, x.device)
             x = pad.shift(x)
             dt = None if dt is None else pad.shift(dt)
-        u = self.qkv(x)
-        if pad is not None:
-            u = u * pad.valid.unsqueeze(-1)
-        qkv, tail = self._conv(u, None if cache is None else cache.conv, None if pad is None else pad.lengths)
+        # Pads (after the real tokens now) reach no real token through the causal convolution,
+        # and below they neither write nor decay the state: their inputs need no masking.
+        qkv, tail = self._conv(self.qkv(x), None if cache is None else cache.conv, None if pad is None else pad.lengths)
         q, k, v = qkv.split([H * dk, H * dk, H * dv], dim=-1)
         v = v.view(B, T, H, dv)
         # CUDA autocast runs the norm in float32, so normalize returns float32 beside a bf16 v.

@@ -201,7 +201,6 @@ class RoutedAttention(nn.Module):
                              f"{tuple(x.shape)}" + (" (add a batch dimension: x.unsqueeze(0))" if x.dim() == 2 else ""))
         if cache is not None:
             self._check_decoding(cache)
-        B, T, _ = x.shape
         inputs = attention_inputs("RoutedAttention", self, x, cache, attention_mask)
         x, pad, step, q, k, v = inputs.x, inputs.pad, inputs.step, inputs.q, inputs.k, inputs.v
         if cache is not None and cache.k.shape[-1] != self.head_dim:  # a cache kept at the kernels' head dim

@@ -203,7 +203,6 @@ void attend_block(const at::Tensor& q_blk, const at::Tensor& k_seen, const at::T
   std::fill(m, m + n, kNegInf);
   std::fill(l, l + n, scalar_t(0));
   std::vector<scalar_t> alpha(n);
-  scalar_t* s_base = s_buf.data_ptr<scalar_t>();
   at::Tensor pv = pv_buf.narrow(0, 0, n * D).view({n, D});
   for (int64_t c0 = 0; c0 < nk; c0 += kBlockK) {
     const int64_t kc = std::min(kBlockK, nk - c0);
@@ -219,9 +218,9 @@ void attend_block(const at::Tensor& q_blk, const at::Tensor& k_seen, const at::T
         continue;
       }
       // Each group's scores are a contiguous (rows, kv) matrix at its rows' place in the buffer.
-      scalar_t* sp = s_base + r0 * kc;
       at::Tensor s = s_buf.narrow(0, r0 * kc, rows * kv).view({rows, kv});
       at::mm_out(s, q_blk.narrow(0, r0, rows), k_chunk.narrow(0, 0, kv).t());
+      scalar_t* sp = s.data_ptr<scalar_t>();
       if (cpu_has_avx2()) {
         softmax_chunk_avx2(sp, rows, kv, c0, pos + r0, shift, m + r0, l + r0, alpha.data() + r0);
       } else {
