@@ -229,7 +229,8 @@ def routed_attention(
             flash-attn) the CUDA backward sums dQ inside its dK/dV kernel, with bulk float
             reductions whose order varies; with True a separate dQ kernel recomputes the
             scores: forward+backward at density 1 took 6-18% longer on an H100
-            (docs/benchmarks.md). The CPU backward is deterministic either way.
+            (docs/benchmarks.md). The CPU backward is deterministic either way, and so is
+            the CUDA backward before Hopper (the fused dQ needs sm_90's bulk reductions).
 
     Returns:
         out: (B, T, H, D) in q.dtype, exactly 0 at rows that were not routed.

@@ -4,16 +4,19 @@
 // would take T d_v d_k floats per head; this kernel keeps them in three levels instead:
 //   1. a forward pass writes the state at the start of every chunk of kChunk tokens to the
 //      workspace (its own rows only);
-//   2. going back chunk by chunk, the chunk's entry state is reloaded and advanced to the
-//      middle of the chunk;
-//   3. each half of kHalf tokens is recomputed from its start into registers (the thread's
-//      kHalf x kCols states of M and Ibar) and walked backwards.
-// That recomputes each state about 2.5 times, for 2 d_v d_k floats of workspace per kChunk
-// tokens per head.
+//   2. going back chunk by chunk, the chunk's entry state is reloaded and advanced through the
+//      chunk, the entry state of each of its kSubs sub-blocks of kSub tokens kept in shared
+//      memory (each thread its own entries);
+//   3. each sub-block is recomputed from its entry into registers (the thread's kSub x kCols
+//      states of M and Ibar) and walked backwards.
+// That recomputes each state three times, for 2 d_v d_k floats of workspace per kChunk tokens
+// per head. Sub-blocks are short so that the registers allow two blocks per multiprocessor:
+// the time loop is a chain of dependent shuffles and shared-memory round trips, and one
+// block of 8 warps left the multiprocessor mostly waiting on them.
 //
 // Thread layout as the forward (metaplastic_cuda_layout.cuh). Sums over key columns (dv, db,
 // and the parts of dlog_alpha) close inside a row group; sums over value rows (dq, dk) go
-// through warp shuffles, shared-memory atomics per half, then float32 atomics to a
+// through warp shuffles, shared memory per sub-block, then float32 atomics to a
 // (B, T, H, d_k) buffer, because a head's rows are spread over several blocks. Those last
 // sums are therefore not bitwise reproducible run to run (as the non-deterministic backward
 // of routed_attention).
@@ -30,11 +33,15 @@ namespace metaplastic {
 namespace {
 
 constexpr int kBwdThreads = 256;
-constexpr int kHalf = 16;
-constexpr int kChunk = 2 * kHalf;
-// Loads a thread issues at once: a chunk of q or k has 32 * 4 * threads_per_row elements, one of
-// v, b or grad_o 32 * rows (threads / threads_per_row); more (d_k <= 16) are loaded after, one by one.
-constexpr int kKeyLoads = 16, kValueLoads = 4;
+constexpr int kBwdMinBlocks = 2;  // per multiprocessor: caps the registers at 128 a thread
+constexpr int kSub = 8;
+constexpr int kSubs = 4;
+constexpr int kChunk = kSubs * kSub;
+static_assert(kCols == 4, "the sub-block entry states are one float4 per thread");
+// Loads a thread issues at once (registers are the limit here, not latency: the other block
+// computes meanwhile): a chunk of q or k has 32 * 4 * threads_per_row elements, one of v, b or
+// grad_o 32 * rows (threads / threads_per_row); the rest are loaded one by one.
+constexpr int kKeyLoads = 4, kValueLoads = 1;
 
 template <typename T>
 struct BwdArgs {
@@ -92,13 +99,15 @@ Workspace workspace_of(const MetaplasticShape& p) {
 size_t bwd_smem_bytes(const Layout& l) {
   const int warps = l.threads / 32;
   return sizeof(float) * (2 * kChunk * l.key_pad + 3 * kChunk * l.rows + kChunk  // inputs of a chunk
-                          + 2 * warps * kHalf * l.key_pad + 3 * kHalf * l.rows);  // parts of a half's sums
+                          + 2 * warps * kSub * l.key_pad + 3 * kSub * l.rows     // parts of a sub-block's sums
+                          + 2 * kSubs * kCols * l.threads);                      // sub-block entry states
 }
 
 struct SharedTiles {
   float *q, *k, *v, *b, *grad_o, *decay;  // a chunk's inputs: [kChunk][key_pad] or [kChunk][rows]
-  float *dq, *dk;      // a half's sums over each warp's rows: [warps][kHalf][key_pad]
-  float *dv, *db, *dla;  // [kHalf][rows]; dla: each row's part
+  float *dq, *dk;      // a sub-block's sums over each warp's rows: [warps][kSub][key_pad]
+  float *dv, *db, *dla;  // [kSub][rows]; dla: each row's part
+  float4* entry;       // [kSubs][2 (M, Ibar)][threads]: each thread's kCols entries of a sub-block's entry state
 };
 
 __device__ SharedTiles carve(float* smem, const Layout& l) {
@@ -110,10 +119,12 @@ __device__ SharedTiles carve(float* smem, const Layout& l) {
   s.grad_o = s.b + kChunk * l.rows;
   s.decay = s.grad_o + kChunk * l.rows;
   s.dq = s.decay + kChunk;
-  s.dk = s.dq + (l.threads / 32) * kHalf * l.key_pad;
-  s.dv = s.dk + (l.threads / 32) * kHalf * l.key_pad;
-  s.db = s.dv + kHalf * l.rows;
-  s.dla = s.db + kHalf * l.rows;
+  s.dk = s.dq + (l.threads / 32) * kSub * l.key_pad;
+  s.dv = s.dk + (l.threads / 32) * kSub * l.key_pad;
+  s.db = s.dv + kSub * l.rows;
+  s.dla = s.db + kSub * l.rows;
+  // 16-byte aligned: every offset before is a multiple of 4 floats (key_pad, rows, kChunk, kSub are).
+  s.entry = reinterpret_cast<float4*>(s.dla + kSub * l.rows);
   return s;
 }
 
@@ -146,14 +157,14 @@ struct Chunk {
     }
   }
 
-  // Tokens [base, base + kHalf) of the chunk, backwards, from the state before token base.
-  // RM, RI: the adjoint reaching the state after the half's last token, decayed (a G of
-  // the next token); on return, that before the half's first token.
-  __device__ void backward_half(int base, const float (&start_M)[kCols], const float (&start_I)[kCols],
+  // Tokens [base, base + kSub) of the chunk, backwards, from the state before token base.
+  // RM, RI: the adjoint reaching the state after the sub-block's last token, decayed (a G of
+  // the next token); on return, that before its first token.
+  __device__ void backward_sub(int base, const float (&start_M)[kCols], const float (&start_I)[kCols],
                                 float (&RM)[kCols], float (&RI)[kCols], float& grad_prior) const {
-    float hM[kHalf][kCols], hI[kHalf][kCols];  // the states after each token of the half
+    float hM[kSub][kCols], hI[kSub][kCols];  // the states after each token of the sub-block
 #pragma unroll
-    for (int j = 0; j < kHalf; ++j) {
+    for (int j = 0; j < kSub; ++j) {
       const int tt = base + j;
       float k[kCols];
       load_floats(s.k + tt * l.key_pad + pos.col0, k);
@@ -166,7 +177,7 @@ struct Chunk {
       }
     }
 #pragma unroll
-    for (int j = kHalf - 1; j >= 0; --j) {
+    for (int j = kSub - 1; j >= 0; --j) {
       const int tt = base + j;
       float q[kCols], k[kCols];
       load_floats(s.q + tt * l.key_pad + pos.col0, q);
@@ -201,7 +212,7 @@ struct Chunk {
         s.db[j * l.rows + local_row] = db;
         s.dla[j * l.rows + local_row] = dla;
       }
-      // Over the rows of one warp here, over the warps in flush_half (plain stores: no shared
+      // Over the rows of one warp here, over the warps in flush_sub (plain stores: no shared
       // atomics, which are compare-and-swap loops for floats).
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
@@ -211,7 +222,7 @@ struct Chunk {
         }
       }
       if (threadIdx.x % 32 < l.threads_per_row) {
-        const int at = (threadIdx.x / 32 * kHalf + j) * l.key_pad + pos.col0;
+        const int at = (threadIdx.x / 32 * kSub + j) * l.key_pad + pos.col0;
 #pragma unroll
         for (int c = 0; c < kCols; ++c) {
           s.dq[at + c] = dq[c];
@@ -220,29 +231,29 @@ struct Chunk {
       }
     }
     __syncthreads();
-    flush_half(base);
+    flush_sub(base);
     __syncthreads();
   }
 
-  // The half's sums to global memory: over the warps (dq, dk) and rows (dlog_alpha) first.
-  __device__ void flush_half(int base) const {
+  // The sub-block's sums to global memory: over the warps (dq, dk) and rows (dlog_alpha) first.
+  __device__ void flush_sub(int base) const {
     const int64_t len = a.seqlen, H = a.heads, dk = a.key_dim, dv = a.value_dim;
     const int row0 = row_block(l) * l.rows;
-    for (int idx = threadIdx.x; idx < kHalf * l.key_pad; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < kSub * l.key_pad; idx += blockDim.x) {
       const int j = idx / l.key_pad, col = idx % l.key_pad;
       const int64_t t = t0 + base + j;
       if (t < len && col < dk) {
         float dq = 0.f, dk_sum = 0.f;
         for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) {
-          dq += s.dq[w * kHalf * l.key_pad + idx];
-          dk_sum += s.dk[w * kHalf * l.key_pad + idx];
+          dq += s.dq[w * kSub * l.key_pad + idx];
+          dk_sum += s.dk[w * kSub * l.key_pad + idx];
         }
         const int64_t at = ((batch * len + t) * H + head) * dk + col;
         atomicAdd(a.dq + at, dq);
         atomicAdd(a.dk + at, dk_sum);
       }
     }
-    for (int idx = threadIdx.x; idx < kHalf * l.rows; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < kSub * l.rows; idx += blockDim.x) {
       const int j = idx / l.rows, r = idx % l.rows;
       const int64_t t = t0 + base + j;
       if (t < len && row0 + r < dv) {
@@ -251,7 +262,7 @@ struct Chunk {
         a.grad_b[at] = from_float<T>(s.db[idx]);
       }
     }
-    if (threadIdx.x < kHalf) {
+    if (threadIdx.x < kSub) {
       const int64_t t = t0 + base + threadIdx.x;
       if (t < len) {
         float dla = 0.f;
@@ -263,9 +274,9 @@ struct Chunk {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kBwdThreads, 1) metaplastic_bwd_kernel(const __grid_constant__ BwdArgs<T> a,
+__global__ void __launch_bounds__(kBwdThreads, kBwdMinBlocks) metaplastic_bwd_kernel(const __grid_constant__ BwdArgs<T> a,
                                                                              const __grid_constant__ Layout l) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];
   __shared__ float block_grad_prior;
   const SharedTiles s = carve(smem, l);
   const int64_t len = a.seqlen, H = a.heads, dk = a.key_dim, dv = a.value_dim, N = a.chunks;
@@ -287,7 +298,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1) metaplastic_bwd_kernel(const _
     }
   };
   auto checkpoint_base = [&](int64_t n) { return ((bh * N + n) * dv + pos.row) * l.key_pad; };
-  // A chunk's inputs to shared memory, every load of them in flight at once.
+  // A chunk's inputs to shared memory.
   auto stage = [&](int64_t t0, bool with_q) {
     const int tokens = static_cast<int>(min(static_cast<int64_t>(kChunk), len - t0));
     TileLoad<T, kKeyLoads> load_q, load_k;
@@ -342,10 +353,16 @@ __global__ void __launch_bounds__(kBwdThreads, 1) metaplastic_bwd_kernel(const _
       }
     };
     load_entry();
-    chunk.advance_tokens(start_M, start_I, 0, kHalf);
-    chunk.backward_half(kHalf, start_M, start_I, RM, RI, grad_prior);
-    load_entry();
-    chunk.backward_half(0, start_M, start_I, RM, RI, grad_prior);
+    for (int sub = 0; sub < kSubs; ++sub) {
+      s.entry[(2 * sub) * blockDim.x + threadIdx.x] = make_float4(start_M[0], start_M[1], start_M[2], start_M[3]);
+      s.entry[(2 * sub + 1) * blockDim.x + threadIdx.x] = make_float4(start_I[0], start_I[1], start_I[2], start_I[3]);
+      if (sub + 1 < kSubs) chunk.advance_tokens(start_M, start_I, sub * kSub, kSub);
+    }
+    for (int sub = kSubs - 1; sub >= 0; --sub) {
+      const float4 m = s.entry[(2 * sub) * blockDim.x + threadIdx.x], i = s.entry[(2 * sub + 1) * blockDim.x + threadIdx.x];
+      const float entry_M[kCols] = {m.x, m.y, m.z, m.w}, entry_I[kCols] = {i.x, i.y, i.z, i.w};
+      chunk.backward_sub(sub * kSub, entry_M, entry_I, RM, RI, grad_prior);
+    }
   }
 
   // RM, RI now hold a_1 G_1: the gradient of the initial state.

@@ -155,7 +155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cuda(
   p.dk_batch_stride = grad_k.stride(0), p.dk_row_stride = grad_k.stride(1), p.dk_head_stride = grad_k.stride(2);
   p.grad_v = grad_v.data_ptr();
   p.dv_batch_stride = grad_v.stride(0), p.dv_row_stride = grad_v.stride(1), p.dv_head_stride = grad_v.stride(2);
-  p.deterministic = deterministic;
+  // The fused dQ sums with sm_90's bulk reductions; elsewhere the separate dQ kernel (the
+  // deterministic path) is the only one there is.
+  p.deterministic = deterministic || !routed_attention_fused_dq_supported();
   at::Tensor workspace;
   p.workspace = cuda_workspace(routed_attention_bwd_workspace_bytes(p), q, workspace);
   routed_attention_bwd_cuda(p, cuda_stream_of(q));

@@ -6,6 +6,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/cuda_check.h"
+
 #include "routed_attention/routed_attention_bwd_kernel.cuh"
 #include "routed_attention/routed_attention_fwd_kernel.cuh"
 #include "routed_attention/routed_attention_launch.h"
@@ -30,7 +32,23 @@ void dispatch(const RoutedAttentionParams& p, const char* what, F&& f) {
                               std::to_string(p.head_dim));
 }
 
+// Compiled like every kernel of the build: its binary version is the arch of the code that runs.
+__global__ void arch_probe_kernel() {}
+
 }  // namespace
+
+bool routed_attention_fused_dq_supported() {
+  constexpr int kMaxDevices = 64;
+  static signed char known[kMaxDevices] = {};  // 0 unknown, 1 yes, -1 no (a race writes the same value)
+  int device = 0;
+  CRAM_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < kMaxDevices && known[device] != 0) return known[device] > 0;
+  cudaFuncAttributes attr{};
+  CRAM_CUDA_CHECK(cudaFuncGetAttributes(&attr, arch_probe_kernel));
+  const bool supported = attr.binaryVersion >= 90;
+  if (device < kMaxDevices) known[device] = supported ? 1 : -1;
+  return supported;
+}
 
 size_t routed_attention_fwd_workspace_bytes(const RoutedAttentionParams& p) {
   size_t bytes = 0;

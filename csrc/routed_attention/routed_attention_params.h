@@ -74,6 +74,10 @@ void routed_attention_fwd_cuda(const RoutedAttentionParams& p, void* stream);
 // Bytes of workspace the backward needs (same rules). May be 0.
 size_t routed_attention_bwd_workspace_bytes(const RoutedAttentionParams& p);
 void routed_attention_bwd_cuda(const RoutedAttentionParams& p, void* stream);
+// Whether the code this build runs on the current device has sm_90's bulk reductions, which
+// the fused dQ (deterministic = false) needs: false on Ampere, and on Hopper running a
+// compute_80 PTX build.
+bool routed_attention_fused_dq_supported();
 #endif
 
 }  // namespace cram

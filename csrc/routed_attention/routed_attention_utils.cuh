@@ -220,21 +220,33 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 // sm_90 bulk reduction: global[dst, dst + bytes) += shared[src, ...) as floats, done by the
 // TMA unit asynchronously (one thread issues it; bytes a multiple of 16, both 16-byte
 // aligned). Writes to shared memory by other threads must be made visible to the async
-// proxy first (fence_proxy_async_shared, then a barrier).
+// proxy first (fence_proxy_async_shared, then a barrier). Before sm_90 these instructions do
+// not exist: the backward takes the deterministic path there (routed_attention_fused_dq_supported), and
+// the kernel, still compiled for every arch of the build, traps if it ever does.
 __device__ __forceinline__ void bulk_reduce_add_f32(float* dst, const float* src, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(src));
   asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(s),
                "r"(bytes)
                : "memory");
   asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#else
+  __trap();
+#endif
 }
 // Waits until at most kPending of the bulk operations this thread issued last are still
 // reading shared memory.
 template <int kPending>
 __device__ __forceinline__ void bulk_wait_read() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+#endif
 }
-__device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
