@@ -3,6 +3,7 @@
 # logs and JSON under $OUT (default ./device_out). Stages run in the order given
 # (default: all); a failing stage is reported and the next one still runs.
 #   bash scripts/device_check.sh build test sanitize bench
+#   bash scripts/device_check.sh build test_cuda         (the CUDA test cases only)
 #   FUZZ_BUDGET=150 bash scripts/device_check.sh build fuzz_memcheck   (seconds per op)
 # Wheels placed in .whl/ (fla-core, nvidia-cutlass) are installed to /tmp/site first.
 # An A/B of a kernel change in one call: scripts/device_ab.sh.
@@ -48,6 +49,8 @@ for stage in "${stages[@]}"; do
       python3 -c "import cram_ext, json; print(json.dumps(cram_ext.build_info()))" | tee "$OUT/build_info.json" ;;
     test)
       run_stage pytest python3 -m pytest python_tests -q -rs ;;
+    test_cuda)  # the CUDA cases only (about 700; the CPU ones run in CI): for a short call
+      run_stage pytest_cuda python3 -m pytest python_tests -q -rs -k cuda ;;
     sanitize)
       run_stage check_scan_route python3 python_tests/cuda_memcheck_scan_route.py
       run_stage memcheck_scan_route compute-sanitizer --tool memcheck --error-exitcode 3 \
