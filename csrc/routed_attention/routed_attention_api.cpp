@@ -157,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cuda(
   p.dv_batch_stride = grad_v.stride(0), p.dv_row_stride = grad_v.stride(1), p.dv_head_stride = grad_v.stride(2);
   // The fused dQ sums with sm_90's bulk reductions; elsewhere the separate dQ kernel (the
   // deterministic path) is the only one there is.
-  p.deterministic = deterministic || !routed_attention_fused_dq_supported();
+  p.fused_dq = !deterministic && routed_attention_fused_dq_supported();
   at::Tensor workspace;
   p.workspace = cuda_workspace(routed_attention_bwd_workspace_bytes(p), q, workspace);
   routed_attention_bwd_cuda(p, cuda_stream_of(q));

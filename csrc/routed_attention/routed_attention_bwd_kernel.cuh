@@ -9,7 +9,7 @@
 //    binary search on the device). The CTA loops over every head of its GQA group and over
 //    those slots in chunks of kBlockM gathered rows, recomputes P and dS, and accumulates
 //    dV += P^T dO and dK += dS^T Q in registers. Every key row is written (zeros where no
-//    routed query sees it). On the fast path (deterministic = false) it also computes
+//    routed query sees it). On the fast path (p.fused_dq) it also computes
 //    dQ = dS K for each chunk and adds it to a float accumulator ordered by slot with one
 //    bulk reduction (the order of the additions varies, so dQ's last bits do).
 // 3. fast path: a convert kernel scales the accumulator and scatters it to the routed rows.
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(256)
   }
 #pragma unroll
   for (int o = kThreadsPerRow / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-  if (has_slot && !p.deterministic) {  // the fused dQ path adds into these rows
+  if (has_slot && p.fused_dq) {  // the fused dQ path adds into these rows
     const BwdWorkspace ws(p.workspace, p.batch, H, T);
     float4* z = reinterpret_cast<float4*>(
         ws.dq_accum + ((static_cast<int64_t>(b) * H + h) * BwdWorkspace::padded_slots(T) + slot) * kHeadDim + lane * 8);

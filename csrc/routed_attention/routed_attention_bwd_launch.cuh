@@ -17,7 +17,6 @@ void run_routed_attention_bwd(const RoutedAttentionParams& p, cudaStream_t strea
   const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen_q * p.num_heads;
   const int64_t key_tiles_total = static_cast<int64_t>(p.batch) * p.num_kv_heads;
   if (rows == 0 && (key_tiles_total == 0 || p.seqlen_k == 0)) return;
-  const bool fused_dq = !p.deterministic;  // dQ inside the dK/dV kernel
 
   // 1. delta = rowsum(dO * O) and lse * log2(e), compacted by slot; zeros in the rows of
   // grad_q not routed.
@@ -43,7 +42,7 @@ void run_routed_attention_bwd(const RoutedAttentionParams& p, cudaStream_t strea
     const int64_t grid = key_tiles_total * ceil_div(p.seqlen_k, Traits::kBlockN);
     if (grid > INT_MAX) throw std::runtime_error("routed_attention_backward: too many key tiles for one launch");
     if (grid > 0) {
-      if (fused_dq) {
+      if (p.fused_dq) {
         auto kernel = routed_attention_bwd_dkdv_kernel<Traits, true>;
         constexpr int kBytes = Traits::kSmemBytesFusedDq;
         set_max_dynamic_smem(kernel, kBytes);
@@ -56,7 +55,7 @@ void run_routed_attention_bwd(const RoutedAttentionParams& p, cudaStream_t strea
       CRAM_CUDA_CHECK(cudaGetLastError());
     }
   }
-  if (fused_dq) {
+  if (p.fused_dq) {
     if (rows > 0) {
       const int64_t blocks = (rows * (kHeadDim / 4) + 255) / 256;
       if (blocks > INT_MAX) throw std::runtime_error("routed_attention_backward: too many rows for one launch");

@@ -67,7 +67,7 @@ void routed_attention_fwd_cuda(const RoutedAttentionParams& p, void* stream) {
 }
 
 size_t routed_attention_bwd_workspace_bytes(const RoutedAttentionParams& p) {
-  return ra::BwdWorkspace::bytes(p.batch, p.num_heads, p.seqlen_q, p.deterministic ? 0 : p.head_dim);
+  return ra::BwdWorkspace::bytes(p.batch, p.num_heads, p.seqlen_q, p.fused_dq ? p.head_dim : 0);
 }
 
 void routed_attention_bwd_cuda(const RoutedAttentionParams& p, void* stream) {

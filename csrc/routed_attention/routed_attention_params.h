@@ -53,10 +53,11 @@ struct RoutedAttentionParams {
   int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
   int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
   int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
-  // false: dQ is summed inside the dK/dV kernel by bulk reductions into a float workspace
-  // (faster; the order of the additions, so dQ's last bits, varies run to run). true: a
-  // separate dQ kernel writes each dQ row from one CTA (bitwise reproducible).
-  bool deterministic = true;
+  // true: dQ is summed inside the dK/dV kernel by sm_90 bulk reductions into a float
+  // workspace (faster; the order of the additions, so dQ's last bits, varies run to run).
+  // false: a separate dQ kernel writes each dQ row from one CTA (bitwise reproducible). The
+  // launcher sets it from the user's `deterministic` and routed_attention_fused_dq_supported().
+  bool fused_dq = false;
 
   // Scratch memory of the size that *_workspace_bytes returned for these params, 256-byte
   // aligned; its content on entry does not matter.
@@ -75,7 +76,7 @@ void routed_attention_fwd_cuda(const RoutedAttentionParams& p, void* stream);
 size_t routed_attention_bwd_workspace_bytes(const RoutedAttentionParams& p);
 void routed_attention_bwd_cuda(const RoutedAttentionParams& p, void* stream);
 // Whether the code this build runs on the current device has sm_90's bulk reductions, which
-// the fused dQ (deterministic = false) needs: false on Ampere, and on Hopper running a
+// the fused dQ (fused_dq = true) needs: false on Ampere, and on Hopper running a
 // compute_80 PTX build.
 bool routed_attention_fused_dq_supported();
 #endif
