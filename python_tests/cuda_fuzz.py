@@ -108,7 +108,8 @@ def run_shard(args, op: str, shard: int, tmp: Path, deadline: float | None) -> d
         if failed:
             result["failures"].extend(failed)
         elif started and f"ok {started[-1]}" in lines:  # every case passed; the exit came after them
-            result["failures"].append({"op": op, "case": None, "error": f"worker exit code {rc} after its last case"})
+            result["failures"].append({"op": op, "case": None, "error": f"worker exit code {rc} after its last case",
+                                       "log_tail": text[-1500:]})
             result["logs"].append(text[-4000:])
             break
         elif started:  # killed by the sanitizer or a crash while running a case
@@ -149,6 +150,8 @@ def driver(args: argparse.Namespace) -> int:
                   f"{r['sanitizer_errors']:4d}  ({time.time() - t0:.0f} s)", flush=True)
             for f in failures[:10]:
                 print(f"  case {f['case']}: {f.get('what', '')}\n    {f['error'][:500]}")
+                if "log_tail" in f:  # the worker's own words, in case the JSON never gets written
+                    print("    " + f["log_tail"].replace("\n", "\n    "))
     summary["wall_s"] = round(time.time() - t0, 1)
     try:
         import torch
@@ -158,10 +161,10 @@ def driver(args: argparse.Namespace) -> int:
         summary["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
         summary["torch"], summary["cuda"] = torch.__version__, torch.version.cuda
         summary["build"] = cram_ext.build_info()
-        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,  # noqa: E731
-                                        cwd=Path(__file__).parent).stdout.strip()
-        summary["commit"] = (git("rev-parse", "HEAD") or None) and git("rev-parse", "HEAD") + (
-            "+uncommitted" if git("status", "--porcelain", "--untracked-files=no") else "")
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench.environment import git_commit  # CRAM_COMMIT names the commit of a copy without .git
+
+        summary["commit"] = git_commit()
     except Exception as e:  # noqa: BLE001
         summary["environment_error"] = repr(e)
     if args.out:
