@@ -11,6 +11,8 @@ Implementations (impl), each in training mode with its parameters in the case's 
          layer's at that density); projections, router, routed attention, semantic-memory MLP and
          the aux losses
   none   the same layer with routing="none": no token attends (the semantic MLP everywhere)
+  cram_scan, cram_metaplastic   cram with memory="scan" / "metaplastic": the router and the
+         semantic MLP read a working memory run inside the layer (not run unless named)
   sdpa   the dense causal self-attention layer it replaces: the same q/k/v/out projections around
          F.scaled_dot_product_attention(is_causal=True), the backend PyTorch picks (cuDNN on Hopper)
 
@@ -47,12 +49,13 @@ def at_density(case: Case, density: float) -> Case:
     return case.derive(density=density, label=f"rho={density}")
 
 
-def _routed_layer(case: Case, routing: str, budget: float = 1.0):
+def _routed_layer(case: Case, routing: str, budget: float = 1.0, memory: str | bool = False):
     import cram_ext
 
     E, H = case.shape["E"], case.shape["H"]
     torch.manual_seed(0)  # the same weights in every implementation
-    return cram_ext.RoutedAttention(E, H, routing=routing, budget=budget, warmup=0).to(case.device, case.dtype)
+    layer = cram_ext.RoutedAttention(E, H, routing=routing, budget=budget, warmup=0, memory=memory)
+    return layer.to(case.device, case.dtype)
 
 
 def _dense_layer(case: Case):
@@ -77,8 +80,8 @@ def _step_call(layer: torch.nn.Module, case: Case, label: str, check=None) -> Ca
     return Call(loss, (case.x, *[p.detach() for p in layer.parameters()]), label=label, check=check)
 
 
-def cram(case: Case) -> Call:
-    layer = _routed_layer(case, "topk", case.density)
+def cram(case: Case, memory: str | bool = False) -> Call:
+    layer = _routed_layer(case, "topk", case.density, memory)
 
     def check(_) -> tuple[str, bool]:
         if case.density != 1.0:
@@ -90,7 +93,15 @@ def cram(case: Case) -> Call:
             err = rel_err(layer(case.x), dense(case.x))
         return f"rel err {err:.2e} vs the dense layer", err <= case.tol
 
-    return _step_call(layer, case, "topk", check)
+    return _step_call(layer, case, "topk" if not memory else f"topk, memory={memory}", check)
+
+
+def cram_scan(case: Case) -> Call:
+    return cram(case, "scan")
+
+
+def cram_metaplastic(case: Case) -> Call:
+    return cram(case, "metaplastic")
 
 
 def none(case: Case) -> Call:
@@ -105,7 +116,8 @@ SPEC = register(Bench(
     name="layer",
     record="routed_layer",
     doc=__doc__,
-    impls=[Impl("cram", cram, routed=True), Impl("none", none), Impl("sdpa", sdpa)],
+    impls=[Impl("cram", cram, routed=True), Impl("cram_scan", cram_scan, routed=True),
+           Impl("cram_metaplastic", cram_metaplastic, routed=True), Impl("none", none), Impl("sdpa", sdpa)],
     defaults=per_device(cuda=["cram", "none", "sdpa"], cpu=["cram", "none", "sdpa"]),
     shapes={
         ("cuda", False): [_shape(1, T, 2048, 16) for T in (8192, 32768)],
