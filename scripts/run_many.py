@@ -1,6 +1,6 @@
 """Run many `python -m cram_ext.train` runs side by side on one machine and collect them.
 
-    python scripts/run_many.py RUNS.json --out DIR [--jobs 8] [--time-budget 500] [--only 'mqar512-*' ...]
+    python scripts/run_many.py RUNS.json --out DIR [--jobs 8] [--time-budget 500] [--only 'mqar512-*' ...] [--resume]
 
 RUNS.json is a list of {"name": ..., "args": [...train flags...]}. Each run writes to
 DIR/<name> (with --force --no-progress added); DIR/results.json gathers every run's
@@ -8,6 +8,11 @@ command, summary and evaluation curve, and the log's tail when it failed. A run 
 when the budget ends is killed and recorded as such, with the curve it had. Each process
 gets OMP_NUM_THREADS=1 (the trainer's --threads 1): many small runs share a GPU well, and
 the host's cores go to the Python side of each.
+
+--resume continues the runs of an earlier call in DIR (a run killed at its budget, from its
+last checkpoint: pass the trainer's --ckpt-every in the runs' args to lose little) and leaves
+the finished ones as they are, so that a set of runs longer than one call's time can go on in
+the next call on the same machine.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=8)
     p.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; then every run left is killed")
     p.add_argument("--only", nargs="+", metavar="PATTERN", help="run only the runs whose name matches a pattern")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished runs in --out from their checkpoints; keep the finished ones")
     a = p.parse_args()
     runs = json.loads(a.runs.read_text())
     if a.only:
@@ -60,10 +67,13 @@ def main() -> int:
         while pending and len(active) < a.jobs:
             run = pending.pop(0)
             run_dir = a.out / run["name"]
+            if a.resume and (run_dir / "summary.json").exists():
+                results.append(collect(run["name"], run["args"], run_dir, "ok (finished before)", 0.0))
+                continue
             run_dir.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "cram_ext.train", *run["args"], "--out", str(run_dir), "--force",
-                   "--no-progress"]
-            log = open(run_dir / "log.txt", "w")
+            cmd = [sys.executable, "-m", "cram_ext.train", *run["args"], "--out", str(run_dir),
+                   "--resume" if a.resume else "--force", "--no-progress"]
+            log = open(run_dir / "log.txt", "a" if a.resume else "w")
             active[run["name"]] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), run, log,
                                    time.monotonic())
         time.sleep(1.0)
