@@ -5,6 +5,7 @@
 #   bash scripts/device_check.sh build test sanitize bench
 #   bash scripts/device_check.sh build test_cuda         (the CUDA test cases only)
 #   FUZZ_BUDGET=150 bash scripts/device_check.sh build fuzz_memcheck   (seconds per op)
+#   PROFILE_SHAPE=32,512,4,64,128 bash scripts/device_check.sh build profile_metaplastic   (ncu)
 # Wheels placed in .whl/ (fla-core, nvidia-cutlass) are installed to /tmp/site first.
 # An A/B of a kernel change in one call: scripts/device_ab.sh.
 set -uo pipefail
@@ -77,6 +78,13 @@ for stage in "${stages[@]}"; do
     bench_metaplastic) run_stage bench_metaplastic python3 -m bench.metaplastic --device cuda --out "$OUT/metaplastic_scan.json" ;;
     bench_metaplastic_quick) run_stage bench_metaplastic_quick python3 -m bench.metaplastic --device cuda --quick \
         --out "$OUT/metaplastic_scan_quick.json" ;;
+    profile_metaplastic)  # ncu's counters of the forward and backward kernels, once each (PROFILE_SHAPE: B,T,H,dk,dv)
+      run_stage profile_metaplastic ncu --clock-control none --kernel-name regex:"metaplastic_(fwd|bwd)_kernel" \
+        --launch-count 2 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        --section InstructionStats --section SourceCounters \
+        python3 -m bench.metaplastic --device cuda --impl cram --pass fwd_bwd --dtype bf16 --no-check --rep-ms 1 \
+        --shape "${PROFILE_SHAPE:-8,4096,8,64,128}" --out "$OUT/profile_metaplastic_bench.json" ;;
     bench)
       run_stage bench_scan python3 -m bench.scan --device cuda --out "$OUT/gated_scan.json"
       run_stage bench_router python3 -m bench.router --device cuda --out "$OUT/route.json"
