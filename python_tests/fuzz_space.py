@@ -51,7 +51,7 @@ from test_routed_attention import check_unrouted_rows
 import cram_ext
 from cram_ext import reference
 from cram_ext.reference import routed_mask
-from cram_ext.reference_metaplastic import metaplastic_scan_reference
+from cram_ext.reference_metaplastic import _initial_state, _prior_per_head, _step, metaplastic_scan_reference
 
 # ------------------------------------------------------------------------ drawing
 
@@ -687,27 +687,23 @@ def metaplastic_prior_grad_floor(q, k, v, b, log_alpha, prior, state, scale, gra
     (Ibar_tij + I_p)^2, a sum of B T d_v d_k terms of both signs. Its error is each term's
     (the recomputed state's, up to metaplastic_tolerance) times sum |terms|, which can be
     thousands of times |sum| (seen on CUDA and CPU: grad prior 1.0e-4 to 9.0e-4 off |sum| at
-    cancellation factors 35 to 3,400), so |sum| alone is not a scale to measure it against."""
+    cancellation factors 35 to 3,400), so |sum| alone is not a scale to measure it against.
+    The states come from the float64 loop's own step (cram_ext.reference_metaplastic)."""
+    f64, cpu = torch.float64, torch.device("cpu")
+    q, k, v, b, g = (x.detach().to(cpu, f64) for x in (q, k, v, b, grad_o))
     B, T, H, dk = q.shape
     scale = dk**-0.5 if scale is None else float(scale)
-    per_head = torch.as_tensor(prior, dtype=torch.float64).detach().cpu().reshape(-1).expand(H)
-    ip = per_head.reshape(1, H, 1, 1)
-    to64 = lambda x: x.detach().cpu().to(torch.float64)  # noqa: E731
-    q, k, v, b, g = to64(q), to64(k), to64(v), to64(b), to64(grad_o)
-    alpha = to64(log_alpha).exp()
-    if state is None:
-        M = torch.zeros(B, H, v.shape[-1], dk, dtype=torch.float64)
-        ibar = torch.zeros_like(M)
-    else:
-        M, ibar = to64(state[0]), to64(state[1])
-    total = torch.zeros(H, dtype=torch.float64)
-    for t in range(T):
-        a = alpha[:, t, :, None, None]
-        M = a * M + v[:, t, :, :, None] * k[:, t, :, None, :]
-        ibar = a * ibar + b[:, t, :, :, None] * (k[:, t] ** 2)[:, :, None, :]
-        terms = g[:, t, :, :, None] * q[:, t, :, None, :] * M / (ibar + ip) ** 2
-        total += abs(scale) * terms.abs().sum((0, 2, 3))
-    total = total if torch.as_tensor(prior).dim() == 1 else total.sum()
+    prior = prior.detach().to(cpu, f64) if torch.is_tensor(prior) else prior
+    ip = _prior_per_head(prior, H, f64, cpu)
+    state = None if state is None else tuple(s.detach().to(cpu) for s in state)
+    M, ibar = _initial_state(state, B, H, v.shape[-1], dk, f64, cpu)
+    alpha = log_alpha.detach().to(cpu, f64).exp()
+    total = torch.zeros(H, dtype=f64)
+    with torch.no_grad():
+        for t in range(T):
+            _, M, ibar = _step(M, ibar, q[:, t], k[:, t], v[:, t], b[:, t], alpha[:, t], ip, scale)
+            total += (g[:, t, :, :, None] * q[:, t, :, None, :] * M / (ibar + ip) ** 2).abs().sum((0, 2, 3))
+    total = abs(scale) * (total if torch.as_tensor(prior).dim() == 1 else total.sum())
     return torch.linalg.vector_norm(total).item()
 
 
