@@ -156,6 +156,23 @@ def test_matches_the_chunked_reference():
             assert_close_rel(grads[name], grads_ref[name], 1e-9, name)
 
 
+def test_short_convolution_is_the_causal_depthwise_conv1d():
+    """The layer's shifted multiply-adds compute nn.Conv1d(groups=C) on the left-padded input
+    (after a cache's tail when given), and return the last K - 1 inputs as the new tail."""
+    layer = _layer(conv_size=4)
+    with torch.no_grad():
+        layer.conv.weight.normal_()
+    B, T, C, K = 3, 11, layer.conv.weight.shape[0], 4
+    u, tail = torch.randn(B, T, C, dtype=torch.float64), torch.randn(B, K - 1, C, dtype=torch.float64)
+    layer = layer.double()
+    for before in (None, tail):
+        padded = torch.cat([torch.zeros_like(tail) if before is None else before, u], dim=1)
+        expected = torch.nn.functional.silu(layer.conv(padded.transpose(1, 2)).transpose(1, 2))
+        y, new_tail = layer._conv(u, before)
+        assert_close_rel(y, expected, 1e-12)
+        assert torch.equal(new_tail, u[:, T - (K - 1):])
+
+
 def test_gla_mode_has_no_importance():
     layer = MetaplasticMemory(E, H, metaplastic=False)
     assert not layer.prior_raw.requires_grad and torch.allclose(layer.prior, torch.ones(H))

@@ -180,7 +180,14 @@ class MetaplasticMemory(nn.Module):
             padded = F.pad(u, (0, 0, K - 1, 0))
         else:
             padded = torch.cat([tail.to(u.dtype), u], dim=1)
-        y = F.conv1d(padded.transpose(1, 2), self.conv.weight.to(u.dtype), groups=u.shape[-1]).transpose(1, 2)
+        # K shifted multiply-adds in (B, T, C), not F.conv1d: no transposed copies, and its
+        # backward is elementwise (the CPU's depthwise convolution backward cost more than the
+        # metaplastic scan's backward in the main job's profile).
+        taps = self.conv.weight[:, 0].t().to(u.dtype)  # (K, C)
+        T = u.shape[1]
+        y = padded[:, :T] * taps[0]
+        for j in range(1, K):
+            y = torch.addcmul(y, padded[:, j:j + T], taps[j])
         if lengths is None:
             return F.silu(y), padded[:, padded.shape[1] - (K - 1):]
         # Row b's real inputs sit at [K-1, K-1+lengths[b]) of `padded`.
