@@ -417,3 +417,35 @@ def test_routed_attention_layer_wants_a_batch_dimension():
         layer(torch.randn(10, 32))
     with pytest.raises(ValueError, match=r"E=32"):
         layer(torch.randn(2, 10, 16))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_heads=0), "num_heads must be a positive int"),
+    (dict(num_heads=-4), "num_heads must be a positive int"),
+    (dict(num_heads=4.0), "num_heads must be a positive int"),
+    (dict(num_kv_heads=0), "num_kv_heads must be a positive int"),
+    (dict(threshold=5.0), "threshold must be in"),
+    (dict(explore=2.0), "explore must be in"),
+])
+def test_routed_attention_layer_rejects_bad_arguments(kwargs, match):
+    args = dict(embed_dim=32, num_heads=4) | kwargs
+    with pytest.raises(ValueError, match=match):
+        cram_ext.RoutedAttention(**args)
+
+
+def test_routed_attention_layer_names_a_mask_passed_as_the_cache():
+    """layer(x, mask), as nn.MultiheadAttention habits write it: the second positional is the cache."""
+    layer = cram_ext.RoutedAttention(32, 4)
+    x = torch.randn(2, 10, 32)
+    for mode in (layer.train, layer.eval):
+        mode()
+        with pytest.raises(TypeError, match="attention_mask="):
+            layer(x, torch.ones(2, 10, dtype=torch.bool))
+
+
+def test_routed_attention_layer_names_a_dtype_mismatch():
+    layer = cram_ext.RoutedAttention(32, 4)
+    with pytest.raises(TypeError, match=r"x is torch.float64 and the layer's parameters are torch.float32"):
+        layer(torch.randn(2, 10, 32, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: mixed dtypes are what it is for
+        assert layer(torch.randn(2, 10, 32)).shape == (2, 10, 32)

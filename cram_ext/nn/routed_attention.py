@@ -146,6 +146,14 @@ class RoutedAttention(nn.Module):
             raise ValueError(f"probe must be in [0, 1), got {probe}")
         if not 0.0 <= budget <= 1.0:
             raise ValueError(f"budget must be in [0, 1], got {budget}")
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"RoutedAttention: {name} must be a positive int, got {value!r}")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1] (a router probability: 1 routes no token), got {threshold}")
+        if not 0.0 <= explore <= 1.0:
+            raise ValueError(f"explore must be in [0, 1], got {explore}")
         self.routing, self.budget = routing, budget
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if head_dim is None and embed_dim % num_heads != 0:
@@ -200,7 +208,14 @@ class RoutedAttention(nn.Module):
             raise ValueError(f"RoutedAttention: expected x of shape (B, T, E={self.embed_dim}), got "
                              f"{tuple(x.shape)}" + (" (add a batch dimension: x.unsqueeze(0))" if x.dim() == 2 else ""))
         if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"RoutedAttention: cache must be a KVCache (from allocate_cache), got "
+                                f"{type(cache).__name__}; a padding mask goes in as attention_mask=mask")
             self._check_decoding(cache)
+        weight = self.q_proj.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"RoutedAttention: x is {x.dtype} and the layer's parameters are {weight.dtype}: "
+                            f"convert one (layer.to({x.dtype})) or run under torch.autocast")
         inputs = attention_inputs("RoutedAttention", self, x, cache, attention_mask)
         x, pad, step, q, k, v = inputs.x, inputs.pad, inputs.step, inputs.q, inputs.k, inputs.v
         if cache is not None and cache.k.shape[-1] != self.head_dim:  # a cache kept at the kernels' head dim
