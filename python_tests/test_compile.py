@@ -89,3 +89,51 @@ def test_compile_dynamic_shapes(device, dtype, D):
         compare(run_and_grad(compiled_fn, inputs, 4), run_and_grad(pipeline, inputs, 4), max(TOLERANCE[dtype], 1e-5))
     assert counters["stats"]["unique_graphs"] == 1, "a new batch size or sequence length recompiled"
     torch._dynamo.reset()
+
+
+def test_compiled_training_model_with_the_layer():
+    """A model holding RoutedAttention, compiled and trained (warm-up ending on the way, the
+    loss target's probes and router labels running): the layer's mixing runs eagerly under
+    the compiled model (its per-step Python state would recompile every step), so graphs stop
+    growing after the first steps, and the losses and parameters follow the eager model's."""
+    from torch._dynamo.utils import counters
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 32)
+            self.attention = cram_ext.RoutedAttention(32, 4, warmup=2, router_bias_init=0.0)
+            self.head = torch.nn.Linear(32, 50)
+
+        def forward(self, x):
+            h = self.embed(x)
+            return self.head(h + self.attention(h))
+
+    def train(model, forward, steps=7):
+        torch.manual_seed(1)
+        opt = torch.optim.AdamW(model.parameters(), 1e-2)
+        losses, graphs = [], []
+        for _ in range(steps):
+            x = torch.randint(0, 50, (4, 16))
+            loss = F.cross_entropy(forward(x).flatten(0, 1), x.flatten()) + cram_ext.aux_losses(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+            graphs.append(counters["stats"]["unique_graphs"])
+        return torch.stack(losses), graphs
+
+    torch.manual_seed(0)
+    eager = Model()
+    compiled = Model()
+    compiled.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    losses_c, graphs = train(compiled, torch.compile(compiled, backend="aot_eager"))
+    losses_e, _ = train(eager, eager)
+    assert compiled.attention.trained_steps == eager.attention.trained_steps == 7
+    assert graphs[-1] == graphs[3], f"recompiled after the warm-up: unique graphs per step {graphs}"
+    assert float(compiled.attention.last_stats["utilization"]) < 1, "the router never dropped a token"
+    assert_close_rel(losses_c, losses_e, 1e-5, "losses")
+    for (name, p), p_e in zip(compiled.named_parameters(), eager.parameters()):
+        assert_close_rel(p.detach(), p_e.detach(), 1e-5, name)

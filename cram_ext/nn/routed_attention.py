@@ -286,6 +286,13 @@ class RoutedAttention(nn.Module):
         `valid` (B, T) bool: x's real tokens, each row's first (padded rows, shifted): only they
         count in the statistics and the losses. `seqlens` (B,) int32, with T = 1: row b's query
         attends over k[b, :seqlens[b]] only (a cache whose rows differ in length)."""
+        if self.training and torch.compiler.is_compiling():
+            return self._mix_eager(x, q, k, v, softmax_scale, memory_cache, valid=valid, seqlens=seqlens)
+        return self._mix_and_record(x, q, k, v, softmax_scale, memory_cache, valid=valid, seqlens=seqlens)
+
+    def _mix_and_record(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None,
+                        memory_cache: ScanCache | None = None, *, valid: Tensor | None = None,
+                        seqlens: Tensor | None = None) -> Tensor:
         if self.training and _in_backward():
             # Activation checkpointing runs the forward again inside the backward: the same
             # computation (with the warm-up count the first run saw), nothing counted or kept.
@@ -306,6 +313,12 @@ class RoutedAttention(nn.Module):
         if self.training:
             self.trained_steps += 1
         return mixed
+
+    # In training the layer keeps Python-side state that changes every step (the warm-up count,
+    # the probe labels its backward hook writes): dynamo would guard on it and recompile every
+    # step until it gave up on the frame. Under torch.compile a training step's mixing runs
+    # eagerly instead (one graph break); the projections and the rest of the model compile.
+    _mix_eager = torch.compiler.disable(_mix_and_record)
 
     def _mix(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None,
              memory_cache: ScanCache | None = None, valid: Tensor | None = None, seqlens: Tensor | None = None):
