@@ -168,6 +168,7 @@ def driver(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001
         summary["environment_error"] = repr(e)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=1))
     bad = any(r["failed"] or r["sanitizer_errors"] for r in summary["ops"].values())
     if args.sanitizer != "none" and not all(r["sanitizer_reports"] for r in summary["ops"].values()):
