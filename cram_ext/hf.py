@@ -37,7 +37,6 @@ This module imports transformers; `import cram_ext` does not.
 
 from __future__ import annotations
 
-import io
 import warnings
 
 import torch
@@ -83,18 +82,6 @@ class HFRouting(RoutedAttention):
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, routing={self.routing!r}, warmup={self.warmup}")
-
-    def get_extra_state(self) -> Tensor:
-        """RoutedAttention's extra state (the warm-up count, the probe labels) serialised into
-        one uint8 tensor: transformers' save_pretrained (safetensors) takes tensors only."""
-        buf = io.BytesIO()
-        torch.save(super().get_extra_state(), buf)
-        return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-
-    def set_extra_state(self, state: Tensor | dict) -> None:
-        if torch.is_tensor(state):
-            state = torch.load(io.BytesIO(state.cpu().numpy().tobytes()), weights_only=True)
-        super().set_extra_state(state)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("HFRouting is called through the attention function 'cram_routed' "

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import DEVICES
 
+import cram_ext
 from cram_ext import checkpoint, distributed, train
 from cram_ext.data import IGNORE
 from cram_ext.tasks import make_task
@@ -94,7 +95,8 @@ def test_ddp_resume_is_exact(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # Per-rank probe labels: each rank's own rows.
     ranks = torch.load(whole / "checkpoint.pt", weights_only=True)["ranks"]
-    labels = [r["extra"]["blocks.0.attn._extra_state"]["probe_labels"]["needed"] for r in ranks]
+    decode = cram_ext.RoutedAttention.decode_extra_state
+    labels = [decode(r["extra"]["blocks.0.attn._extra_state"])["probe_labels"]["needed"] for r in ranks]
     assert len(labels) == 2 and all(t.shape == (4, 32) for t in labels)
 
 

@@ -367,6 +367,28 @@ def test_probe_labels_are_saved_with_the_state_dict():
     assert torch.equal(copy._router_loss_from_probes(torch.float32), layer._router_loss_from_probes(torch.float32))
 
 
+def test_state_dict_is_tensors_only_and_round_trips_through_safetensors(tmp_path):
+    """The extra state (warm-up count, probe labels) is one uint8 tensor, so a model's state
+    dict goes through safetensors (as transformers' Trainer saves), and a dict written by
+    earlier versions still loads."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    layer = RoutedAttention(32, num_heads=4, target="loss", probe=0.3, warmup=0)
+    layer(torch.randn(2, 21, 32)).square().sum().backward()
+    state = layer.state_dict()
+    assert all(torch.is_tensor(v) for v in state.values())
+    safetensors_torch.save_file(state, tmp_path / "layer.safetensors")
+    copy = RoutedAttention(32, num_heads=4, target="loss", probe=0.3, warmup=0)
+    copy.load_state_dict(safetensors_torch.load_file(tmp_path / "layer.safetensors"))
+    assert copy.trained_steps == 1
+    (z, needed, weight), (z0, needed0, weight0) = copy._probe_labels, layer._probe_labels
+    assert torch.equal(weight, weight0) and torch.equal(needed, needed0) and (weight > 0).any()
+    assert torch.equal(z[weight > 0], z0[weight > 0])
+    old = RoutedAttention(32, num_heads=4)
+    old.set_extra_state({"trained_steps": 7, "probe_labels": None})  # a checkpoint's dict
+    assert old.trained_steps == 7 and old._probe_labels is None
+
+
 def test_warmup_count_is_saved_with_the_state_dict():
     layer = RoutedAttention(32, num_heads=4, warmup=5)
     x = torch.randn(1, 9, 32)

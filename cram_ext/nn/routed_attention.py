@@ -17,6 +17,8 @@ its warm-up, novel queries included (docs/results.md).
 
 from __future__ import annotations
 
+import io
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -355,16 +357,29 @@ class RoutedAttention(nn.Module):
         """True during the warm-up: the router frozen, and with routing="learned" every token routed."""
         return self.trained_steps < self.warmup
 
-    def get_extra_state(self) -> dict:
+    def get_extra_state(self) -> Tensor:
         """The warm-up count and the probe labels the next training step's router loss reads,
-        so that a resumed run continues exactly (of the router's input, the probes' rows only)."""
+        so that a resumed run continues exactly (of the router's input, the probes' rows only),
+        serialised into one uint8 tensor: a state dict of tensors only, which safetensors (and
+        transformers' save_pretrained) can write. `decode_extra_state` reads it back."""
         labels = None
         if self._probe_labels is not None:
-            z, needed, weight = self._probe_labels
+            z, needed, weight = (t.detach().cpu() for t in self._probe_labels)
             labels = {"z_probes": z[weight > 0], "needed": needed, "weight": weight}
-        return {"trained_steps": self.trained_steps, "probe_labels": labels}
+        buf = io.BytesIO()
+        torch.save({"trained_steps": self.trained_steps, "probe_labels": labels}, buf)
+        return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
 
-    def set_extra_state(self, state: dict) -> None:
+    @staticmethod
+    def decode_extra_state(state: Tensor | dict) -> dict:
+        """{"trained_steps": int, "probe_labels": None or {"z_probes", "needed", "weight"}} from
+        what get_extra_state wrote (a dict as it is: checkpoints written before the tensor form)."""
+        if torch.is_tensor(state):
+            state = torch.load(io.BytesIO(state.cpu().numpy().tobytes()), weights_only=True)
+        return state
+
+    def set_extra_state(self, state: Tensor | dict) -> None:
+        state = self.decode_extra_state(state)
         self.trained_steps = int(state["trained_steps"])
         labels, self._probe_labels = state.get("probe_labels"), None
         if labels is not None:
