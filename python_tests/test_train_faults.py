@@ -5,6 +5,7 @@ over an old one are refused with a message that says what to do."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -81,6 +82,8 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, whole, mo
     real_save, calls = torch.save, []
 
     def dying_save(obj, f, *a, **kw):
+        if isinstance(f, io.BytesIO):  # RoutedAttention's extra state, serialised in memory
+            return real_save(obj, f, *a, **kw)
         calls.append(1)
         if len(calls) == 2:
             f.write(b"half a checkpoint")
