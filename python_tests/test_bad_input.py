@@ -433,19 +433,27 @@ def test_routed_attention_layer_rejects_bad_arguments(kwargs, match):
         cram_ext.RoutedAttention(**args)
 
 
-def test_routed_attention_layer_names_a_mask_passed_as_the_cache():
+def _attention_layers():
+    from cram_ext.models.transformer import CausalSelfAttention
+    return [cram_ext.RoutedAttention(32, 4), CausalSelfAttention(32, 4)]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["RoutedAttention", "CausalSelfAttention"])
+def test_attention_layer_names_a_mask_passed_as_the_cache(index):
     """layer(x, mask), as nn.MultiheadAttention habits write it: the second positional is the cache."""
-    layer = cram_ext.RoutedAttention(32, 4)
+    layer = _attention_layers()[index]
     x = torch.randn(2, 10, 32)
     for mode in (layer.train, layer.eval):
         mode()
-        with pytest.raises(TypeError, match="attention_mask="):
+        with pytest.raises(TypeError, match=f"{type(layer).__name__}: cache must be a KVCache.*attention_mask="):
             layer(x, torch.ones(2, 10, dtype=torch.bool))
 
 
-def test_routed_attention_layer_names_a_dtype_mismatch():
-    layer = cram_ext.RoutedAttention(32, 4)
-    with pytest.raises(TypeError, match=r"x is torch.float64 and the layer's parameters are torch.float32"):
+@pytest.mark.parametrize("index", [0, 1], ids=["RoutedAttention", "CausalSelfAttention"])
+def test_attention_layer_names_a_dtype_mismatch(index):
+    layer = _attention_layers()[index]
+    with pytest.raises(TypeError, match=rf"{type(layer).__name__}: x is torch.float64 and the layer's parameters "
+                                        r"are torch.float32"):
         layer(torch.randn(2, 10, 32, dtype=torch.float64))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: mixed dtypes are what it is for
         assert layer(torch.randn(2, 10, 32)).shape == (2, 10, 32)

@@ -5,15 +5,13 @@ one-token decoding step, and the projected queries, keys and values with their p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
+from .cache import KVCache
 from .padding import Padding
 from .rotary import apply_rotary
-
-if TYPE_CHECKING:
-    from .cache import KVCache
 
 
 @dataclass
@@ -34,7 +32,16 @@ class AttentionInputs:
 def attention_inputs(what: str, layer: nn.Module, x: Tensor, cache: KVCache | None,
                      attention_mask: Tensor | None) -> AttentionInputs:
     """The inputs of `layer` (with q_proj, k_proj, v_proj, num_heads, num_kv_heads, head_dim,
-    rope_base) for x (B, T, E) after the tokens `cache` holds; `what` names the layer in errors."""
+    rope_base) for x (B, T, E) after the tokens `cache` holds; `what` names the layer in errors:
+    a cache that is not a KVCache (a mask passed positionally), x in another dtype than the
+    projections outside autocast."""
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(f"{what}: cache must be a KVCache (from allocate_cache), got {type(cache).__name__}; "
+                        "a padding mask goes in as attention_mask=mask")
+    weight = layer.q_proj.weight
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{what}: x is {x.dtype} and the layer's parameters are {weight.dtype}: "
+                        f"convert one (layer.to({x.dtype})) or run under torch.autocast")
     B, T, _ = x.shape
     pad = None
     if attention_mask is not None:

@@ -209,16 +209,9 @@ class RoutedAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"RoutedAttention: expected x of shape (B, T, E={self.embed_dim}), got "
                              f"{tuple(x.shape)}" + (" (add a batch dimension: x.unsqueeze(0))" if x.dim() == 2 else ""))
-        if cache is not None:
-            if not isinstance(cache, KVCache):
-                raise TypeError(f"RoutedAttention: cache must be a KVCache (from allocate_cache), got "
-                                f"{type(cache).__name__}; a padding mask goes in as attention_mask=mask")
-            self._check_decoding(cache)
-        weight = self.q_proj.weight
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"RoutedAttention: x is {x.dtype} and the layer's parameters are {weight.dtype}: "
-                            f"convert one (layer.to({x.dtype})) or run under torch.autocast")
         inputs = attention_inputs("RoutedAttention", self, x, cache, attention_mask)
+        if cache is not None:
+            self._check_decoding(cache)
         x, pad, step, q, k, v = inputs.x, inputs.pad, inputs.step, inputs.q, inputs.k, inputs.v
         if cache is not None and cache.k.shape[-1] != self.head_dim:  # a cache kept at the kernels' head dim
             k, v = (F.pad(t, (0, cache.k.shape[-1] - self.head_dim)) for t in (k, v))
