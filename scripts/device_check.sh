@@ -82,9 +82,13 @@ for stage in "${stages[@]}"; do
       run_stage profile_metaplastic ncu --clock-control none --kernel-name regex:"metaplastic_(fwd|bwd)_kernel" \
         --launch-count 2 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-        --section InstructionStats --section SourceCounters \
+        --section InstructionStats --section SourceCounters --export "$OUT/metaplastic" --force-overwrite \
         python3 -m bench.metaplastic --device cuda --impl cram --pass fwd_bwd --dtype bf16 --no-check --rep-ms 1 \
-        --shape "${PROFILE_SHAPE:-8,4096,8,64,128}" --out "$OUT/profile_metaplastic_bench.json" ;;
+        --shape "${PROFILE_SHAPE:-8,4096,8,64,128}" --out "$OUT/profile_metaplastic_bench.json"
+      ncu --import "$OUT/metaplastic.ncu-rep" > "$OUT/profile_metaplastic_details.log" 2>&1
+      # Instructions executed per SASS line (the build has -lineinfo): where the issue slots go.
+      ncu --import "$OUT/metaplastic.ncu-rep" --page source --csv --print-source sass \
+        > "$OUT/profile_metaplastic_sass.csv" 2> "$OUT/profile_metaplastic_sass.err" || true ;;
     bench)
       run_stage bench_scan python3 -m bench.scan --device cuda --out "$OUT/gated_scan.json"
       run_stage bench_router python3 -m bench.router --device cuda --out "$OUT/route.json"

@@ -4,50 +4,56 @@
 // A thread owns kCols consecutive key columns of one value row. The state never leaves its
 // registers: the updates are elementwise, and the read-out divides entry by entry, so no
 // product form exists (docs/metaplastic.md §3). The threads of one row ("row group",
-// threads_per_row consecutive lanes, a power of two) cover d_k; a block holds `rows` rows
-// of one (batch, head): block x is row slice x % row_blocks of (batch, head) x / row_blocks
-// (one grid dimension: B * H may pass the 65535 of the others).
+// kThreadsPerRow consecutive lanes) cover d_k; a block holds kRows rows of one (batch, head):
+// block x is row slice x % row_blocks of (batch, head) x / row_blocks (one grid dimension:
+// B * H may pass the 65535 of the others).
 //   - Sums over key columns (the read-out o_i, dv_i, db_i) are shuffles inside a row group.
 //   - Sums over value rows (dq_j, dk_j) cross row groups, warps and blocks.
-// The time loop is sequential in every block: B * H * ceil(d_v / rows) blocks make the
+// The time loop is sequential in every block: B * H * ceil(d_v / kRows) blocks make the
 // parallelism, which is enough for the shapes of a model layer (hundreds of blocks).
+//
+// The block shape is a template (BlockShape): the kernels are bound by the instructions they
+// issue (docs/metaplastic.md §6), and with the shape known at compile time the index
+// arithmetic of every tile and sum folds into constants and their loops unroll.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
 namespace cram {
 namespace metaplastic {
 
-constexpr int kCols = 4;           // key columns per thread: one float4 of q or k from shared memory
+constexpr int kCols = 4;  // key columns per thread: one float4 of q or k from shared memory
 constexpr int kMaxHeadDim = 128;
-constexpr int kMaxThreads = 256;
 
-struct Layout {
-  int threads_per_row;  // power of two, threads_per_row * kCols >= d_k
-  int rows;             // value rows per block
-  int row_blocks;       // ceil(d_v / rows)
-  int threads;          // rows * threads_per_row, a multiple of 32
-  int key_pad;          // threads_per_row * kCols: the padded d_k of the shared-memory tiles
+template <int kThreadsPerRow_, int kThreads_>
+struct BlockShape {
+  static constexpr int kThreadsPerRow = kThreadsPerRow_;  // a power of two, kThreadsPerRow * kCols >= d_k
+  static constexpr int kThreads = kThreads_;
+  static constexpr int kRows = kThreads / kThreadsPerRow;  // value rows per block
+  static constexpr int kKeyPad = kThreadsPerRow * kCols;   // the padded d_k of the shared-memory tiles
+  static constexpr int kWarps = kThreads / 32;
+  static_assert(kThreadsPerRow >= 1 && kThreadsPerRow <= 32 && (kThreadsPerRow & (kThreadsPerRow - 1)) == 0);
+  static_assert(kThreads % 32 == 0);
 };
 
-inline Layout make_layout(int64_t key_dim, int64_t value_dim, int max_threads = kMaxThreads) {
-  Layout l{};
-  const int need = static_cast<int>((key_dim + kCols - 1) / kCols);
-  l.threads_per_row = 1;
-  while (l.threads_per_row < need) l.threads_per_row *= 2;
-  // As many rows as the block holds, but no more than d_v (rounded up to fill whole warps).
-  const int warp_rows = std::max(1, 32 / l.threads_per_row);
-  const int rows_for_dv = static_cast<int>((value_dim + warp_rows - 1) / warp_rows) * warp_rows;
-  l.rows = std::min(max_threads / l.threads_per_row, rows_for_dv);
-  l.row_blocks = static_cast<int>((value_dim + l.rows - 1) / l.rows);
-  l.threads = l.rows * l.threads_per_row;
-  l.key_pad = l.threads_per_row * kCols;
-  return l;
+inline int64_t row_blocks_for(int64_t value_dim, int rows) { return (value_dim + rows - 1) / rows; }
+
+// Calls fn(std::integral_constant<int, n>{}) with n the threads per row that cover d_k
+// (<= kMaxHeadDim): 8, 16 or 32. Narrower rows (d_k <= 16) would waste fewer lanes, but such
+// heads are too small to matter for speed and each width is a compiled kernel more.
+template <typename Fn>
+void dispatch_threads_per_row(int64_t key_dim, Fn&& fn) {
+  if (key_dim <= 8 * kCols) {
+    fn(std::integral_constant<int, 8>{});
+  } else if (key_dim <= 16 * kCols) {
+    fn(std::integral_constant<int, 16>{});
+  } else {
+    fn(std::integral_constant<int, 32>{});
+  }
 }
 
 template <typename T>
@@ -72,84 +78,70 @@ __device__ __forceinline__ T from_float(float x) {
   }
 }
 
-// Sum over the threads_per_row lanes of a row group (consecutive lanes; every lane gets it).
-__device__ __forceinline__ float row_group_sum(float x, int threads_per_row) {
-  for (int offset = threads_per_row / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+// Sum over the kThreadsPerRow lanes of a row group (consecutive lanes; every lane gets it).
+template <int kThreadsPerRow>
+__device__ __forceinline__ float row_group_sum(float x) {
+#pragma unroll
+  for (int offset = kThreadsPerRow / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
   return x;
 }
 
-__device__ __forceinline__ int row_block(const Layout& l) { return static_cast<int>(blockIdx.x % l.row_blocks); }
-__device__ __forceinline__ int64_t batch_head(const Layout& l) { return blockIdx.x / l.row_blocks; }
-
-// Where this thread sits: its value row (may be >= d_v in the last row block: such a thread
-// computes on zeros and writes nothing), its first key column, its lane in the row group.
+// Where this block and thread sit: the (batch, head), the block's first value row, the
+// thread's value row (may be >= d_v in the last row block: such a thread computes on zeros
+// and writes nothing), its first key column, its lane in the row group.
 struct Position {
-  int row, col0, lane_in_row;
+  int64_t batch_head;
+  int row0, local_row, row, col0, lane_in_row;
   bool row_valid;
 };
 
-__device__ __forceinline__ Position thread_position(const Layout& l, int64_t value_dim) {
+template <class S>
+__device__ __forceinline__ Position thread_position(int64_t row_blocks, int64_t value_dim) {
   Position p;
-  p.lane_in_row = threadIdx.x % l.threads_per_row;
-  const int local_row = threadIdx.x / l.threads_per_row;
-  p.row = row_block(l) * l.rows + local_row;
+  p.batch_head = blockIdx.x / row_blocks;
+  p.row0 = static_cast<int>(blockIdx.x - p.batch_head * row_blocks) * S::kRows;
+  p.lane_in_row = threadIdx.x % S::kThreadsPerRow;
+  p.local_row = threadIdx.x / S::kThreadsPerRow;
+  p.row = p.row0 + p.local_row;
   p.col0 = p.lane_in_row * kCols;
   p.row_valid = p.row < value_dim;
   return p;
 }
 
-// A tile of a (B, T, H, D) tensor for one (b, h): `tokens` tokens from token t0 on, columns
-// [col_begin, col_begin + pad) (zeros past D or T), bound for a float tile [tile_tokens][pad] of
-// shared memory. issue() starts the thread's first kPer loads into registers, store() converts
-// and writes them (and loads the rest, if any, one by one): the loads of every tile issued
-// between the two are in flight together, and a kernel that issues the next tile before
-// computing on the current one hides their latency entirely.
-template <typename T, int kPer>
+// A tile of kTokens tokens of one (batch, head) of a (B, T, H, D) tensor, columns
+// [col_begin, col_begin + kWidth) of D, staged as a float tile [kTokens][kWidth] of shared
+// memory (zeros past D and past the end of the sequence). issue() starts the loads into
+// registers, store() converts and writes them: the loads of every tile issued between the
+// two are in flight together, and a kernel that issues the next tile before computing on
+// the current one hides their latency.
+template <typename T, int kTokens, int kWidth, int kThreads>
 struct TileLoad {
+  static constexpr int kCount = kTokens * kWidth;
+  static constexpr int kPer = (kCount + kThreads - 1) / kThreads;
   T raw[kPer];
-  const T* src;
-  int64_t t0, seqlen, token_stride, dim;
-  int tokens, col_begin, pad;
 
-  __device__ __forceinline__ bool at(int tt, int c, int64_t& offset) const {
-    const int64_t t = t0 + tt, col = col_begin + c;
-    offset = t * token_stride + col;
-    return tt < tokens && t < seqlen && col < dim;
-  }
-
-  __device__ __forceinline__ bool at(int idx, int64_t& offset) const {
-    const int tt = idx / pad;
-    return at(tt, idx - tt * pad, offset);
-  }
-
-  __device__ __forceinline__ void issue(const T* src_, int64_t t0_, int tokens_, int64_t seqlen_,
-                                        int64_t token_stride_, int64_t dim_, int col_begin_, int pad_) {
-    src = src_, t0 = t0_, seqlen = seqlen_, token_stride = token_stride_, dim = dim_;
-    tokens = tokens_, col_begin = col_begin_, pad = pad_;
-    // The (token, column) of element threadIdx.x + i * blockDim.x, stepped from one division:
-    // an integer division per element costs more than the tile's arithmetic.
-    int tt = threadIdx.x / pad, c = threadIdx.x - tt * pad;
-    const int step_tt = blockDim.x / pad, step_c = blockDim.x - step_tt * pad;
+  // first: the tile's first token at column col_begin; tokens: how many of the kTokens exist;
+  // width: how many of the kWidth columns exist (D - col_begin).
+  __device__ __forceinline__ void issue(const T* first, int64_t token_stride, int tokens, int width) {
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
-      int64_t offset;
-      raw[i] = at(tt, c, offset) ? src[offset] : from_float<T>(0.f);
-      tt += step_tt, c += step_c;
-      if (c >= pad) c -= pad, ++tt;
+      const int idx = threadIdx.x + i * kThreads, tt = idx / kWidth, c = idx % kWidth;
+      const bool in = (kCount % kThreads == 0 || idx < kCount) && tt < tokens && c < width;
+      raw[i] = in ? first[tt * token_stride + c] : from_float<T>(0.f);
     }
   }
 
-  // Fills all tile_tokens rows of the tile: zeros after the `tokens` loaded.
-  __device__ __forceinline__ void store(float* tile, int tile_tokens, float mul) const {
-    const int n = tile_tokens * pad;
+  // squares: a second tile for the squares of the values (k * k: once per token and column
+  // here rather than once per state entry in the time loop), or nullptr.
+  __device__ __forceinline__ void store(float* tile, float mul, float* squares = nullptr) const {
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
-      const int idx = threadIdx.x + i * blockDim.x;
-      if (idx < n) tile[idx] = mul * to_float(raw[i]);  // raw is 0 where nothing was loaded
-    }
-    for (int idx = threadIdx.x + kPer * blockDim.x; idx < n; idx += blockDim.x) {
-      int64_t offset;
-      tile[idx] = at(idx, offset) ? mul * to_float(src[offset]) : 0.f;
+      const int idx = threadIdx.x + i * kThreads;
+      if (kCount % kThreads == 0 || idx < kCount) {
+        const float x = mul * to_float(raw[i]);
+        tile[idx] = x;
+        if (squares) squares[idx] = x * x;
+      }
     }
   }
 };

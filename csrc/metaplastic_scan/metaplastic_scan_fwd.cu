@@ -19,9 +19,10 @@ namespace {
 
 constexpr int kFwdThreads = 128;  // fewer rows a block: more blocks for small B * H
 constexpr int kFwdTile = 16;      // tokens staged at once
-// Loads a thread keeps in flight: a tile of q or k has 16 * 4 * threads_per_row elements, one of v
-// or b 16 * rows (threads / threads_per_row); more (d_k <= 8) are loaded after, one by one.
-constexpr int kKeyLoads = 16, kValueLoads = 4;
+constexpr int kFwdMinBlocks = 4;  // per multiprocessor: caps the registers at 128 a thread (d_k > 64 took 168)
+
+template <int kThreadsPerRow>
+using FwdShape = BlockShape<kThreadsPerRow, kFwdThreads>;
 
 template <typename T>
 struct FwdArgs {
@@ -36,29 +37,29 @@ struct FwdArgs {
   T* o;
   float* M;
   float* Ibar;
-  int64_t seqlen, heads, key_dim, value_dim;
+  int64_t seqlen, heads, key_dim, value_dim, row_blocks;
   float scale;
 };
 
-size_t fwd_smem_bytes(const Layout& l) {
-  return sizeof(float) * (2 * kFwdTile * l.key_pad + 2 * kFwdTile * l.rows + kFwdTile + kFwdTile * l.threads);
+template <class S>
+constexpr size_t fwd_smem_bytes() {
+  return sizeof(float) * (3 * kFwdTile * S::kKeyPad + 2 * kFwdTile * S::kRows + kFwdTile + kFwdTile * S::kThreads);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kFwdThreads) metaplastic_fwd_kernel(const __grid_constant__ FwdArgs<T> a,
-                                                                         const __grid_constant__ Layout l) {
-  extern __shared__ float smem[];
-  float* q_s = smem;                         // [tile][key_pad]
-  float* k_s = q_s + kFwdTile * l.key_pad;   // [tile][key_pad]
-  float* v_s = k_s + kFwdTile * l.key_pad;   // [tile][rows]
-  float* b_s = v_s + kFwdTile * l.rows;      // [tile][rows]
-  float* decay_s = b_s + kFwdTile * l.rows;  // [tile]
-  float* o_part = decay_s + kFwdTile;        // [tile][threads]: each thread's part of o
+template <typename T, int kThreadsPerRow>
+__global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks) metaplastic_fwd_kernel(const __grid_constant__ FwdArgs<T> a) {
+  using S = FwdShape<kThreadsPerRow>;
+  __shared__ __align__(16) float q_s[kFwdTile][S::kKeyPad];
+  __shared__ __align__(16) float k_s[kFwdTile][S::kKeyPad];
+  __shared__ __align__(16) float k2_s[kFwdTile][S::kKeyPad];  // k * k
+  __shared__ float v_s[kFwdTile][S::kRows];
+  __shared__ float b_s[kFwdTile][S::kRows];
+  __shared__ float decay_s[kFwdTile];
+  __shared__ float o_part[kFwdTile][S::kThreads];  // each thread's part of o, summed over the row group after the tile
 
   const int64_t len = a.seqlen, H = a.heads, dk = a.key_dim, dv = a.value_dim;
-  const int64_t bh = batch_head(l), batch = bh / H, head = bh % H;
-  const Position pos = thread_position(l, dv);
-  const int local_row = threadIdx.x / l.threads_per_row, row0 = row_block(l) * l.rows;
+  const Position pos = thread_position<S>(a.row_blocks, dv);
+  const int64_t bh = pos.batch_head, batch = bh / H, head = bh % H;
   const float prior = a.prior[head];
 
   float M[kCols], I[kCols];
@@ -70,26 +71,27 @@ __global__ void __launch_bounds__(kFwdThreads) metaplastic_fwd_kernel(const __gr
     I[c] = in && a.Ibar0 ? a.Ibar0[state_base + pos.col0 + c] : 0.f;
   }
 
-  const int64_t qk_base = (batch * len * H + head) * dk, v_base = (batch * len * H + head) * dv;
-  TileLoad<T, kKeyLoads> load_q, load_k;
-  TileLoad<T, kValueLoads> load_v, load_b;
+  const int64_t qk_base = (batch * len * H + head) * dk, v_base = (batch * len * H + head) * dv + pos.row0;
+  const int key_width = static_cast<int>(dk), row_width = static_cast<int>(dv - pos.row0);
+  TileLoad<T, kFwdTile, S::kKeyPad, S::kThreads> load_q, load_k;
+  TileLoad<T, kFwdTile, S::kRows, S::kThreads> load_v, load_b;
   float next_log_alpha = 0.f;
   const auto issue = [&](int64_t t0) {
     const int tokens = static_cast<int>(min(static_cast<int64_t>(kFwdTile), len - t0));
-    load_q.issue(a.q + qk_base, t0, tokens, len, H * dk, dk, 0, l.key_pad);
-    load_k.issue(a.k + qk_base, t0, tokens, len, H * dk, dk, 0, l.key_pad);
-    load_v.issue(a.v + v_base, t0, tokens, len, H * dv, dv, row0, l.rows);
-    load_b.issue(a.b + v_base, t0, tokens, len, H * dv, dv, row0, l.rows);
+    load_q.issue(a.q + qk_base + t0 * H * dk, H * dk, tokens, key_width);
+    load_k.issue(a.k + qk_base + t0 * H * dk, H * dk, tokens, key_width);
+    load_v.issue(a.v + v_base + t0 * H * dv, H * dv, tokens, row_width);
+    load_b.issue(a.b + v_base + t0 * H * dv, H * dv, tokens, row_width);
     if (threadIdx.x < tokens) next_log_alpha = a.log_alpha[(batch * len + t0 + threadIdx.x) * H + head];
   };
   if (len > 0) issue(0);
   for (int64_t t0 = 0; t0 < len; t0 += kFwdTile) {
     const int tokens = static_cast<int>(min(static_cast<int64_t>(kFwdTile), len - t0));
     __syncthreads();  // the previous tile's shared memory is no longer read
-    load_q.store(q_s, kFwdTile, 1.f);
-    load_k.store(k_s, kFwdTile, 1.f);
-    load_v.store(v_s, kFwdTile, 1.f);
-    load_b.store(b_s, kFwdTile, 1.f);
+    load_q.store(&q_s[0][0], 1.f);
+    load_k.store(&k_s[0][0], 1.f, &k2_s[0][0]);
+    load_v.store(&v_s[0][0], 1.f);
+    load_b.store(&b_s[0][0], 1.f);
     // Past the end: decay 1 and zero inputs leave the state as it is.
     if (threadIdx.x < kFwdTile) decay_s[threadIdx.x] = threadIdx.x < tokens ? expf(next_log_alpha) : 1.f;
     __syncthreads();
@@ -97,27 +99,32 @@ __global__ void __launch_bounds__(kFwdThreads) metaplastic_fwd_kernel(const __gr
 
 #pragma unroll
     for (int tt = 0; tt < kFwdTile; ++tt) {
-      float q[kCols], k[kCols];
-      load_floats(q_s + tt * l.key_pad + pos.col0, q);
-      load_floats(k_s + tt * l.key_pad + pos.col0, k);
-      const float v = v_s[tt * l.rows + local_row], b = b_s[tt * l.rows + local_row], decay = decay_s[tt];
+      float q[kCols], k[kCols], k2[kCols];
+      load_floats(&q_s[tt][pos.col0], q);
+      load_floats(&k_s[tt][pos.col0], k);
+      load_floats(&k2_s[tt][pos.col0], k2);
+      const float v = v_s[tt][pos.local_row], b = b_s[tt][pos.local_row], decay = decay_s[tt];
       float o = 0.f;
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
         // fma(v, k, decay * M): at a reset (decay 0) exactly v * k, as the reference.
         M[c] = fmaf(v, k[c], decay * M[c]);
-        I[c] = fmaf(b, k[c] * k[c], decay * I[c]);
+        I[c] = fmaf(b, k2[c], decay * I[c]);
         o = fmaf(__fdividef(M[c], I[c] + prior), q[c], o);
       }
-      o_part[tt * blockDim.x + threadIdx.x] = o;  // summed over the row group after the tile
+      o_part[tt][threadIdx.x] = o;
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < tokens * l.rows; idx += blockDim.x) {
-      const int tt = idx / l.rows, r = idx % l.rows;
-      const float* part = o_part + tt * blockDim.x + r * l.threads_per_row;
+    constexpr int kOutputs = kFwdTile * S::kRows;
+#pragma unroll
+    for (int i = 0; i < (kOutputs + S::kThreads - 1) / S::kThreads; ++i) {
+      const int idx = threadIdx.x + i * S::kThreads, tt = idx / S::kRows, r = idx % S::kRows;
+      if (kOutputs % S::kThreads != 0 && idx >= kOutputs) break;
+      const float* part = &o_part[tt][r * S::kThreadsPerRow];
       float o = 0.f;
-      for (int j = 0; j < l.threads_per_row; ++j) o += part[(j + r) & (l.threads_per_row - 1)];  // rotated: fewer bank conflicts
-      if (row0 + r < dv) a.o[v_base + (t0 + tt) * H * dv + row0 + r] = from_float<T>(a.scale * o);
+#pragma unroll
+      for (int j = 0; j < S::kThreadsPerRow; ++j) o += part[(j + r) % S::kThreadsPerRow];  // rotated: fewer bank conflicts
+      if (tt < tokens && r < row_width) a.o[v_base + (t0 + tt) * H * dv + r] = from_float<T>(a.scale * o);
     }
   }
 
@@ -133,12 +140,12 @@ __global__ void __launch_bounds__(kFwdThreads) metaplastic_fwd_kernel(const __gr
 }
 
 // One token for every (batch, head): the state is read, updated and written back in place.
-template <typename T>
-__global__ void __launch_bounds__(kFwdThreads) metaplastic_step_kernel(const __grid_constant__ FwdArgs<T> a,
-                                                                          const __grid_constant__ Layout l) {
+template <typename T, int kThreadsPerRow>
+__global__ void __launch_bounds__(kFwdThreads) metaplastic_step_kernel(const __grid_constant__ FwdArgs<T> a) {
+  using S = FwdShape<kThreadsPerRow>;
   const int64_t H = a.heads, dk = a.key_dim, dv = a.value_dim;
-  const int64_t bh = batch_head(l), head = bh % H;
-  const Position pos = thread_position(l, dv);
+  const Position pos = thread_position<S>(a.row_blocks, dv);
+  const int64_t bh = pos.batch_head, head = bh % H;
   const float prior = a.prior[head];
   const int64_t state_base = (bh * dv + pos.row) * dk;
   const float decay = expf(a.log_alpha[bh]);
@@ -157,7 +164,7 @@ __global__ void __launch_bounds__(kFwdThreads) metaplastic_step_kernel(const __g
       o = fmaf(__fdividef(M, I + prior), q, o);
     }
   }
-  o = row_group_sum(o, l.threads_per_row);
+  o = row_group_sum<S::kThreadsPerRow>(o);
   if (pos.row_valid && pos.lane_in_row == 0) a.o[bh * dv + pos.row] = from_float<T>(a.scale * o);
 }
 
@@ -186,35 +193,43 @@ size_t metaplastic_scan_fwd_workspace_bytes(const MetaplasticShape&) { return 0;
 void metaplastic_scan_fwd_cuda(const MetaplasticParams& p, void* stream) {
   using namespace metaplastic;
   if (p.batch == 0 || p.heads == 0) return;
-  const Layout l = make_layout(p.key_dim, p.value_dim, kFwdThreads);
-  const dim3 grid(static_cast<unsigned>(l.row_blocks * p.batch * p.heads));
-  const size_t smem = fwd_smem_bytes(l);
-  dispatch_cuda_element_type(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    FwdArgs<T> a = fwd_args<T>(p);
-    a.M0 = static_cast<const float*>(p.M0);
-    a.Ibar0 = static_cast<const float*>(p.Ibar0);
-    a.o = static_cast<T*>(p.o);
-    a.M = static_cast<float*>(p.M);
-    a.Ibar = static_cast<float*>(p.Ibar);
-    metaplastic_fwd_kernel<T><<<grid, l.threads, smem, static_cast<cudaStream_t>(stream)>>>(a, l);
-    CRAM_CUDA_CHECK(cudaGetLastError());
+  dispatch_threads_per_row(p.key_dim, [&](auto threads_per_row) {
+    using S = FwdShape<decltype(threads_per_row)::value>;
+    static_assert(fwd_smem_bytes<S>() <= 48 * 1024, "static shared memory");
+    const int64_t row_blocks = row_blocks_for(p.value_dim, S::kRows);
+    const dim3 grid(static_cast<unsigned>(row_blocks * p.batch * p.heads));
+    dispatch_cuda_element_type(p.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      FwdArgs<T> a = fwd_args<T>(p);
+      a.row_blocks = row_blocks;
+      a.M0 = static_cast<const float*>(p.M0);
+      a.Ibar0 = static_cast<const float*>(p.Ibar0);
+      a.o = static_cast<T*>(p.o);
+      a.M = static_cast<float*>(p.M);
+      a.Ibar = static_cast<float*>(p.Ibar);
+      metaplastic_fwd_kernel<T, S::kThreadsPerRow><<<grid, S::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+      CRAM_CUDA_CHECK(cudaGetLastError());
+    });
   });
 }
 
 void metaplastic_step_cuda(const MetaplasticStepParams& p, void* stream) {
   using namespace metaplastic;
   if (p.batch == 0 || p.heads == 0) return;
-  const Layout l = make_layout(p.key_dim, p.value_dim, kFwdThreads);
-  const dim3 grid(static_cast<unsigned>(l.row_blocks * p.batch * p.heads));
-  dispatch_cuda_element_type(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    FwdArgs<T> a = fwd_args<T>(p);
-    a.o = static_cast<T*>(p.o);
-    a.M = static_cast<float*>(p.M);
-    a.Ibar = static_cast<float*>(p.Ibar);
-    metaplastic_step_kernel<T><<<grid, l.threads, 0, static_cast<cudaStream_t>(stream)>>>(a, l);
-    CRAM_CUDA_CHECK(cudaGetLastError());
+  dispatch_threads_per_row(p.key_dim, [&](auto threads_per_row) {
+    using S = FwdShape<decltype(threads_per_row)::value>;
+    const int64_t row_blocks = row_blocks_for(p.value_dim, S::kRows);
+    const dim3 grid(static_cast<unsigned>(row_blocks * p.batch * p.heads));
+    dispatch_cuda_element_type(p.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      FwdArgs<T> a = fwd_args<T>(p);
+      a.row_blocks = row_blocks;
+      a.o = static_cast<T*>(p.o);
+      a.M = static_cast<float*>(p.M);
+      a.Ibar = static_cast<float*>(p.Ibar);
+      metaplastic_step_kernel<T, S::kThreadsPerRow><<<grid, S::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+      CRAM_CUDA_CHECK(cudaGetLastError());
+    });
   });
 }
 
