@@ -145,6 +145,7 @@ CUDA_SIZES = [  # the CUDA limits: d_k, d_v = 128, several chunks
     (2, 300, 2, 128, 128),
     (1, 257, 3, 64, 127),
     (3, 129, 1, 1, 128),
+    (1, 33, 2, 65, 7),  # 32 lanes a row, 15 of them past d_k; one partial row block
 ]
 
 

@@ -21,6 +21,8 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 namespace cram {
@@ -47,6 +49,9 @@ inline int64_t row_blocks_for(int64_t value_dim, int rows) { return (value_dim +
 // heads are too small to matter for speed and each width is a compiled kernel more.
 template <typename Fn>
 void dispatch_threads_per_row(int64_t key_dim, Fn&& fn) {
+  if (key_dim < 1 || key_dim > kMaxHeadDim) {
+    throw std::invalid_argument("metaplastic_scan CUDA kernels: d_k must be in [1, 128], got " + std::to_string(key_dim));
+  }
   if (key_dim <= 8 * kCols) {
     fn(std::integral_constant<int, 8>{});
   } else if (key_dim <= 16 * kCols) {
@@ -108,9 +113,9 @@ __device__ __forceinline__ Position thread_position(int64_t row_blocks, int64_t 
   return p;
 }
 
-// A tile of kTokens tokens of one (batch, head) of a (B, T, H, D) tensor, columns
-// [col_begin, col_begin + kWidth) of D, staged as a float tile [kTokens][kWidth] of shared
-// memory (zeros past D and past the end of the sequence). issue() starts the loads into
+// A tile of kTokens tokens of one (batch, head) of a (B, T, H, D) tensor, kWidth columns of D
+// from a first one (0, or a block's first value row), staged as a float tile [kTokens][kWidth]
+// of shared memory (zeros past D and past the end of the sequence). issue() starts the loads into
 // registers, store() converts and writes them: the loads of every tile issued between the
 // two are in flight together, and a kernel that issues the next tile before computing on
 // the current one hides their latency.
@@ -120,8 +125,8 @@ struct TileLoad {
   static constexpr int kPer = (kCount + kThreads - 1) / kThreads;
   T raw[kPer];
 
-  // first: the tile's first token at column col_begin; tokens: how many of the kTokens exist;
-  // width: how many of the kWidth columns exist (D - col_begin).
+  // first: the tile's first token at its first column; tokens: how many of the kTokens exist;
+  // width: how many of the kWidth columns exist (D - the first column).
   __device__ __forceinline__ void issue(const T* first, int64_t token_stride, int tokens, int width) {
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {

@@ -9,10 +9,11 @@
 //      memory (each thread its own entries);
 //   3. each sub-block is recomputed from its entry into registers (the thread's kSub x kCols
 //      states of M and Ibar) and walked backwards.
-// That recomputes each state three times, for 2 d_v d_k floats of workspace per kChunk tokens
-// per head. Sub-blocks are short so that the registers allow two blocks per multiprocessor:
-// the time loop is a chain of dependent shuffles and shared-memory round trips, and one
-// block of 8 warps left the multiprocessor mostly waiting on them.
+// That recomputes each state three times, for 2 d_v d_k' floats of workspace per kChunk tokens
+// per head (d_k' = the padded d_k of the block shape: 32, 64 or 128). Sub-blocks are short so
+// that the registers allow two blocks per multiprocessor (where shared memory does too: d_k
+// <= 64 on an H100): the time loop is a chain of dependent shuffles and shared-memory round
+// trips, and one block of 8 warps left the multiprocessor mostly waiting on them.
 //
 // Thread layout as the forward (metaplastic_cuda_layout.cuh). Sums over key columns (dv, db,
 // and the parts of dlog_alpha) close inside a row group; sums over value rows (dq, dk) go
@@ -378,8 +379,8 @@ __global__ void to_element_kernel(const float* __restrict src, T* __restrict dst
 }
 
 // Calls fn(S{}) with the backward's block shape for this d_k on this device: 256 threads, or
-// 128 where the per-warp sums of 256 do not fit the device's shared memory (d_k > 64 on GPUs
-// with less than Hopper's 227 KB).
+// 128 where the shared memory of 256 (148 KB at d_k > 64, per-warp sums included) passes the
+// device's limit for a block (e.g. the 99 KB of sm_86 / sm_89; an A100's 163 KB holds it).
 template <typename Fn>
 void dispatch_bwd_shape(int64_t key_dim, Fn&& fn) {
   dispatch_threads_per_row(key_dim, [&](auto threads_per_row) {
