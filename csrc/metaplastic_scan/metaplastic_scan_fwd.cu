@@ -19,7 +19,7 @@ namespace {
 
 constexpr int kFwdThreads = 128;  // fewer rows a block: more blocks for small B * H
 constexpr int kFwdTile = 16;      // tokens staged at once
-constexpr int kFwdMinBlocks = 4;  // per multiprocessor: caps the registers at 128 a thread (d_k > 64 took 168)
+constexpr int kFwdMinBlocks = 4;  // per multiprocessor: caps the registers at 128 a thread (d_k > 64 took more)
 
 template <int kThreadsPerRow>
 using FwdShape = BlockShape<kThreadsPerRow, kFwdThreads>;
@@ -168,8 +168,10 @@ __global__ void __launch_bounds__(kFwdThreads) metaplastic_step_kernel(const __g
   if (pos.row_valid && pos.lane_in_row == 0) a.o[bh * dv + pos.row] = from_float<T>(a.scale * o);
 }
 
+// The arguments both kernels share (P: MetaplasticParams or MetaplasticStepParams), for a
+// grid of row_blocks blocks per (batch, head).
 template <typename T, typename P>
-FwdArgs<T> fwd_args(const P& p) {
+FwdArgs<T> fwd_args(const P& p, int64_t row_blocks) {
   FwdArgs<T> a{};
   a.q = static_cast<const T*>(p.q);
   a.k = static_cast<const T*>(p.k);
@@ -177,10 +179,14 @@ FwdArgs<T> fwd_args(const P& p) {
   a.b = static_cast<const T*>(p.b);
   a.log_alpha = static_cast<const float*>(p.log_alpha);
   a.prior = static_cast<const float*>(p.prior);
+  a.o = static_cast<T*>(p.o);
+  a.M = static_cast<float*>(p.M);
+  a.Ibar = static_cast<float*>(p.Ibar);
   a.seqlen = p.seqlen;
   a.heads = p.heads;
   a.key_dim = p.key_dim;
   a.value_dim = p.value_dim;
+  a.row_blocks = row_blocks;
   a.scale = static_cast<float>(p.scale);
   return a;
 }
@@ -200,13 +206,9 @@ void metaplastic_scan_fwd_cuda(const MetaplasticParams& p, void* stream) {
     const dim3 grid(static_cast<unsigned>(row_blocks * p.batch * p.heads));
     dispatch_cuda_element_type(p.dtype, [&](auto tag) {
       using T = decltype(tag);
-      FwdArgs<T> a = fwd_args<T>(p);
-      a.row_blocks = row_blocks;
+      FwdArgs<T> a = fwd_args<T>(p, row_blocks);
       a.M0 = static_cast<const float*>(p.M0);
       a.Ibar0 = static_cast<const float*>(p.Ibar0);
-      a.o = static_cast<T*>(p.o);
-      a.M = static_cast<float*>(p.M);
-      a.Ibar = static_cast<float*>(p.Ibar);
       metaplastic_fwd_kernel<T, S::kThreadsPerRow><<<grid, S::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
       CRAM_CUDA_CHECK(cudaGetLastError());
     });
@@ -222,12 +224,8 @@ void metaplastic_step_cuda(const MetaplasticStepParams& p, void* stream) {
     const dim3 grid(static_cast<unsigned>(row_blocks * p.batch * p.heads));
     dispatch_cuda_element_type(p.dtype, [&](auto tag) {
       using T = decltype(tag);
-      FwdArgs<T> a = fwd_args<T>(p);
-      a.row_blocks = row_blocks;
-      a.o = static_cast<T*>(p.o);
-      a.M = static_cast<float*>(p.M);
-      a.Ibar = static_cast<float*>(p.Ibar);
-      metaplastic_step_kernel<T, S::kThreadsPerRow><<<grid, S::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+      metaplastic_step_kernel<T, S::kThreadsPerRow>
+          <<<grid, S::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(fwd_args<T>(p, row_blocks));
       CRAM_CUDA_CHECK(cudaGetLastError());
     });
   });
