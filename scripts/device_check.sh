@@ -4,7 +4,7 @@
 # (default: all); a failing stage is reported and the next one still runs.
 #   bash scripts/device_check.sh build test sanitize bench
 #   bash scripts/device_check.sh build test_cuda         (the CUDA test cases only)
-#   FUZZ_BUDGET=150 bash scripts/device_check.sh build fuzz_memcheck   (seconds per op)
+#   FUZZ_BUDGET=150 bash scripts/device_check.sh build fuzz_memcheck   (seconds per op; FUZZ_OPS=metaplastic for one)
 #   PROFILE_SHAPE=32,512,4,64,128 bash scripts/device_check.sh build profile_metaplastic   (ncu)
 # Wheels placed in .whl/ (fla-core, nvidia-cutlass) are installed to /tmp/site first.
 # An A/B of a kernel change in one call: scripts/device_ab.sh.
@@ -68,6 +68,7 @@ for stage in "${stages[@]}"; do
         --time-budget "${FUZZ_BUDGET:-60}" --out "$OUT/fuzz.json" ;;
     fuzz_memcheck)  # the same cases, each worker under compute-sanitizer memcheck
       run_stage fuzz_memcheck python3 python_tests/cuda_fuzz.py --sanitizer memcheck --cases "${FUZZ_CASES:-10000}" \
+        --ops "${FUZZ_OPS:-scan,route,attention,decode,metaplastic}" \
         --time-budget "${FUZZ_BUDGET:-150}" --out "$OUT/fuzz_memcheck.json" ;;
     fuzz_racecheck)
       run_stage fuzz_racecheck python3 python_tests/cuda_fuzz.py --sanitizer racecheck --cases "${FUZZ_CASES:-300}" \
