@@ -45,7 +45,9 @@ def find_cuobjdump() -> str:
 
 def compile_cubin(source: Path, arch: str, out: Path) -> dict[str, str]:
     """Builds the cubin; returns ptxas's register and spill line for each kernel."""
-    cmd = ["nvcc", *FLAGS, f"-arch={arch}", f"-I{ROOT / 'csrc'}", "-Xptxas", "-v", "-cubin", "-o", str(out), str(source)]
+    # The csrc/ the file is in (a worktree's, when comparing two versions), else this repository's.
+    csrc = next((d for d in source.resolve().parents if d.name == "csrc"), ROOT / "csrc")
+    cmd = ["nvcc", *FLAGS, f"-arch={arch}", f"-I{csrc}", "-Xptxas", "-v", "-cubin", "-o", str(out), str(source)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(proc.stderr[-4000:])
