@@ -25,11 +25,12 @@
 #include <string>
 #include <type_traits>
 
+#include "metaplastic_scan/metaplastic_scan.h"
+
 namespace cram {
 namespace metaplastic {
 
 constexpr int kCols = 4;  // key columns per thread: one float4 of q or k from shared memory
-constexpr int kMaxHeadDim = 128;
 
 template <int kThreadsPerRow_, int kThreads_>
 struct BlockShape {
@@ -45,12 +46,14 @@ struct BlockShape {
 inline int64_t row_blocks_for(int64_t value_dim, int rows) { return (value_dim + rows - 1) / rows; }
 
 // Calls fn(std::integral_constant<int, n>{}) with n the threads per row that cover d_k
-// (<= kMaxHeadDim): 8, 16 or 32. Narrower rows (d_k <= 16) would waste fewer lanes, but such
-// heads are too small to matter for speed and each width is a compiled kernel more.
+// (<= kMetaplasticCudaMaxHeadDim): 8, 16 or 32. Narrower rows (d_k <= 16) would waste fewer
+// lanes, but such heads are too small to matter for speed and each width is a compiled kernel more.
 template <typename Fn>
 void dispatch_threads_per_row(int64_t key_dim, Fn&& fn) {
-  if (key_dim < 1 || key_dim > kMaxHeadDim) {
-    throw std::invalid_argument("metaplastic_scan CUDA kernels: d_k must be in [1, 128], got " + std::to_string(key_dim));
+  static_assert(32 * kCols >= kMetaplasticCudaMaxHeadDim, "the widest row covers every d_k the launcher lets through");
+  if (key_dim < 1 || key_dim > kMetaplasticCudaMaxHeadDim) {
+    throw std::invalid_argument("metaplastic_scan CUDA kernels: d_k must be in [1, " +
+                                std::to_string(kMetaplasticCudaMaxHeadDim) + "], got " + std::to_string(key_dim));
   }
   if (key_dim <= 8 * kCols) {
     fn(std::integral_constant<int, 8>{});

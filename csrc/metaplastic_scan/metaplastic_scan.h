@@ -18,6 +18,9 @@
 
 namespace cram {
 
+// The CUDA kernels' limit on d_k and d_v: the launcher checks it, the kernels' dispatch relies on it.
+constexpr int64_t kMetaplasticCudaMaxHeadDim = 128;
+
 struct MetaplasticShape {
   int64_t batch, seqlen, heads, key_dim, value_dim;
   ElementType dtype;

@@ -13,8 +13,6 @@
 namespace cram {
 namespace {
 
-constexpr int64_t kMaxCudaHeadDim = 128;
-
 struct Dims {
   int64_t B, T, H, dk, dv;
 };
@@ -52,8 +50,8 @@ Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_shape(prior, "prior", {d.H});
   TORCH_CHECK_VALUE(d.dk >= 1 && d.dv >= 1, "q, v: expected head dims d_k, d_v >= 1, got d_k=", d.dk, ", d_v=", d.dv);
   if (q.is_cuda()) {
-    TORCH_CHECK_VALUE(d.dk <= kMaxCudaHeadDim, "q: d_k must be at most ", kMaxCudaHeadDim, " on CUDA, got ", d.dk);
-    TORCH_CHECK_VALUE(d.dv <= kMaxCudaHeadDim, "v: d_v must be at most ", kMaxCudaHeadDim, " on CUDA, got ", d.dv);
+    TORCH_CHECK_VALUE(d.dk <= kMetaplasticCudaMaxHeadDim, "q: d_k must be at most ", kMetaplasticCudaMaxHeadDim, " on CUDA, got ", d.dk);
+    TORCH_CHECK_VALUE(d.dv <= kMetaplasticCudaMaxHeadDim, "v: d_v must be at most ", kMetaplasticCudaMaxHeadDim, " on CUDA, got ", d.dv);
     // A block per (batch, head, slice of at most 128 value rows), in one grid dimension.
     TORCH_CHECK_VALUE(d.B * d.H <= (INT32_MAX >> 7) && d.T <= INT32_MAX,
                       "q: B*H must be at most 2**24 and T fit in int32 on CUDA, got ", q.sizes());
