@@ -34,7 +34,6 @@ namespace metaplastic {
 namespace {
 
 constexpr int kBwdThreads = 256;
-constexpr int kBwdMinBlocks = 2;  // per multiprocessor: caps the registers at 128 a thread
 constexpr int kSub = 8;
 constexpr int kSubs = 4;
 constexpr int kChunk = kSubs * kSub;
@@ -72,6 +71,14 @@ constexpr size_t bwd_smem_bytes() {
   return sizeof(float) * (3 * kChunk * S::kKeyPad + 3 * kChunk * S::kRows + kChunk  // inputs of a chunk
                           + 2 * S::kWarps * kSub * S::kKeyPad + 3 * kSub * S::kRows  // parts of a sub-block's sums
                           + 2 * kSubs * kCols * S::kThreads);                        // sub-block entry states
+}
+
+// Two blocks a multiprocessor (which caps the registers at 128 a thread) where two fit in the
+// shared memory of an H100 (228 KB): for d_k <= 64. Above, one block fits anyway, and the cap
+// would only make it spill.
+template <class S>
+constexpr int bwd_min_blocks() {
+  return 2 * (bwd_smem_bytes<S>() + 1024) <= 228 * 1024 ? 2 : 1;
 }
 
 template <class S>
@@ -268,7 +275,7 @@ struct Chunk {
 };
 
 template <typename T, class S>
-__global__ void __launch_bounds__(S::kThreads, kBwdMinBlocks) metaplastic_bwd_kernel(const __grid_constant__ BwdArgs<T> a) {
+__global__ void __launch_bounds__(S::kThreads, bwd_min_blocks<S>()) metaplastic_bwd_kernel(const __grid_constant__ BwdArgs<T> a) {
   extern __shared__ __align__(16) float smem[];
   __shared__ float block_grad_prior;
   const SharedTiles<S> s(smem);
