@@ -7,6 +7,8 @@
 Implementations (impl):
   cram            cram_ext.routed_attention on q (B,T,H,D), k/v (B,S,Hk,D) and a routing (index, counts)
   cram_deterministic  the same with deterministic=True (forward+backward only; the forward is the same)
+  cram_sm80       cram with CRAM_ROUTED_ATTENTION_SM80=1: the SM80 forward kernel where cram runs the
+                  sm_90a one (Hopper, D = 128; cram_ext.routed_attention_forward_kernel), else cram again
   sdpa_flash      F.scaled_dot_product_attention(is_causal=True) forced to SDPBackend.FLASH_ATTENTION
   sdpa_cudnn      ... forced to SDPBackend.CUDNN_ATTENTION
   sdpa_efficient  ... forced to SDPBackend.EFFICIENT_ATTENTION
@@ -132,14 +134,32 @@ def flops(case: Case, pass_: str) -> float | None:
 # ----------------------------------------------------------- implementations
 
 
-def cram(deterministic: bool):
+@contextlib.contextmanager
+def forced_sm80_forward():
+    """CRAM_ROUTED_ATTENTION_SM80=1 inside (the SM80 forward kernel on Hopper too)."""
+    import os
+
+    before = os.environ.get("CRAM_ROUTED_ATTENTION_SM80")
+    os.environ["CRAM_ROUTED_ATTENTION_SM80"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CRAM_ROUTED_ATTENTION_SM80"]
+        else:
+            os.environ["CRAM_ROUTED_ATTENTION_SM80"] = before
+
+
+def cram(deterministic: bool, sm80: bool = False):
     def build(case: Case) -> Call:
         import cram_ext
 
         index, counts = case.index, case.counts
+        context = forced_sm80_forward if sm80 else contextlib.nullcontext
 
         def attend(q, k, v):
-            return cram_ext.routed_attention(q, k, v, index, counts, deterministic=deterministic)
+            with context():
+                return cram_ext.routed_attention(q, k, v, index, counts, deterministic=deterministic)
 
         return Call(attend, (case.q, case.k, case.v), grad=case.grad_out, out=0,
                     check=lambda out: check_cram(case, out[0]))
@@ -287,12 +307,13 @@ SPEC = register(Bench(
     impls=[
         Impl("cram", cram(deterministic=False), routed=True),
         Impl("cram_deterministic", cram(deterministic=True), passes=("fwd_bwd",), routed=True),
+        Impl("cram_sm80", cram(deterministic=False, sm80=True), routed=True),
         Impl("sdpa", sdpa(None)),
         *(Impl(name, sdpa(backend)) for name, backend in SDPA_BACKENDS.items()),
         Impl("flex_gathered", flex_gathered, routed=True, compiles=True),
     ],
     defaults=per_device(
-        cuda=["cram", "cram_deterministic", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex_gathered"],
+        cuda=["cram", "cram_sm80", "cram_deterministic", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex_gathered"],
         cpu=["cram", "sdpa"],
     ),
     shapes={

@@ -13,8 +13,8 @@ from .generation import GenerateOutput, RolloutOutput, generate, rollout
 from .models import CRAMBlock, CRAMConfig, CRAMModel, TransformerConfig, TransformerLM
 from .nn import (BlockCache, KVCache, MetaplasticCache, MetaplasticMemory, ModelCache, RoutedAttention, ScanCache,
                  WorkingMemory, aux_losses)
-from .ops import (check_route, gated_scan, metaplastic_scan, metaplastic_step, route, routed_attention, routed_decode,
-                  set_debug)
+from .ops import (check_route, gated_scan, metaplastic_scan, metaplastic_step, route, routed_attention,
+                  routed_attention_forward_kernel, routed_decode, set_debug)
 from .route_types import Route, route_from_mask
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "route",
     "route_from_mask",
     "routed_attention",
+    "routed_attention_forward_kernel",
     "routed_decode",
     "set_debug",
 ]

@@ -17,8 +17,8 @@ from . import _C  # noqa: F401  (loading the library runs the op registrations)
 from .reference import accumulate_dtype
 from .route_types import Route
 
-__all__ = ["gated_scan", "route", "routed_attention", "routed_decode", "metaplastic_scan", "metaplastic_step",
-           "check_route", "set_debug"]
+__all__ = ["gated_scan", "route", "routed_attention", "routed_attention_forward_kernel", "routed_decode",
+           "metaplastic_scan", "metaplastic_step", "check_route", "set_debug"]
 
 _debug = os.environ.get("CRAM_DEBUG", "0") not in ("", "0")
 
@@ -254,6 +254,17 @@ def routed_attention(
     if _debug:
         check_route(index, counts, q.shape[1])
     return torch.ops.cram.routed_attention.default(q, k, v, index, counts, scale, deterministic)
+
+
+def routed_attention_forward_kernel(device: torch.device | str, head_dim: int) -> str:
+    """Which kernel `routed_attention`'s forward runs for this head dim on `device`, as things
+    stand now: "sm90a" (warpgroup MMAs, Hopper with a build for "9.0a", head dim 128), "sm80"
+    (the kernel of every other CUDA case), or "cpu".
+
+    Setting the environment variable CRAM_ROUTED_ATTENTION_SM80=1 makes the CUDA forward run
+    the SM80 kernel on Hopper too (read at every call), e.g. to compare the two.
+    """
+    return torch.ops.cram.routed_attention_forward_kernel(torch.device(device), int(head_dim))
 
 
 @torch.library.register_fake("cram::routed_attention")

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/build_config.h"
+#include "routed_attention/routed_attention.h"
 
 // Importing cram_ext._C loads this shared library, which runs the static
 // registrations below; the module itself exposes nothing.
@@ -35,6 +36,7 @@ TORCH_LIBRARY(cram, m) {
       "route_backward(Tensor grad_prob, Tensor prob, Tensor hidden, Tensor weight)"
       " -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
+  m.def("routed_attention_forward_kernel(Device device, int head_dim) -> str", &routed_attention_forward_kernel);
   m.def(
       "routed_attention(Tensor q, Tensor k, Tensor v, Tensor index, Tensor counts, float softmax_scale,"
       " bool deterministic=False)"

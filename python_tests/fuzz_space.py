@@ -26,7 +26,9 @@ compared with the float64 loop of `cram_ext.reference_metaplastic` whatever its 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
@@ -290,12 +292,13 @@ class AttentionCase:
     malformed: str  # "" or the kind of bad routing (then no reference comparison)
     layouts: dict = field(hash=False)  # q, k, v, index, counts, grad_out
     seed: int
+    sm80_forward: bool = False  # CUDA: run the SM80 forward kernel on Hopper too (CRAM_ROUTED_ATTENTION_SM80)
 
     def __str__(self) -> str:
         return (f"routed_attention(B={self.B}, T={self.T}, S={self.S}, H={self.H}, Hk={self.Hk}, D={self.D}, "
                 f"{DTYPE_NAMES[self.dtype]}, {self.pattern} rho={self.density}, deterministic={self.deterministic}, "
                 f"softmax_scale={self.softmax_scale}, malformed={self.malformed or None}, layouts={self.layouts}, "
-                f"seed={self.seed})")
+                f"seed={self.seed}, sm80_forward={self.sm80_forward})")
 
 
 @dataclass(frozen=True)
@@ -396,6 +399,7 @@ def draw_attention_case(draw: Draw, device: str, malformed_rate: int = 0) -> Att
                  "index": draw_layout(draw, ("offset", "permuted")), "counts": draw_layout(draw, ("offset", "strided")),
                  "grad_out": draw_layout(draw, GRAD_LAYOUTS)},
         seed=draw.int(0, 2**31 - 1),
+        sm80_forward=device == "cuda" and draw.choice((False, True)),
     )
 
 
@@ -575,6 +579,20 @@ def delta_error_floors(case: AttentionCase, q, k, index, counts, out, grad_out, 
     return (torch.linalg.vector_norm(bound_q).item() / tol, torch.linalg.vector_norm(bound_k).item() / tol, 0.0)
 
 
+@contextlib.contextmanager
+def forward_kernel_forced_sm80(forced: bool):
+    """CRAM_ROUTED_ATTENTION_SM80 set to `forced` inside, as it was after."""
+    before = os.environ.get("CRAM_ROUTED_ATTENTION_SM80")
+    os.environ["CRAM_ROUTED_ATTENTION_SM80"] = "1" if forced else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CRAM_ROUTED_ATTENTION_SM80"]
+        else:
+            os.environ["CRAM_ROUTED_ATTENTION_SM80"] = before
+
+
 def check_attention(case: AttentionCase, device: str) -> None:
     gen = torch.Generator().manual_seed(case.seed)
     B, T, S, H, Hk, D, dt, lay = case.B, case.T, case.S, case.H, case.Hk, case.D, case.dtype, case.layouts
@@ -586,8 +604,9 @@ def check_attention(case: AttentionCase, device: str) -> None:
     counts = laid_out(counts_c, lay["counts"], torch.int32, device, 0)
 
     poison_allocator(device)
-    out, lse = cram_ext.routed_attention(q, k, v, index, counts, case.softmax_scale,
-                                         deterministic=case.deterministic)
+    with forward_kernel_forced_sm80(case.sm80_forward):
+        out, lse = cram_ext.routed_attention(q, k, v, index, counts, case.softmax_scale,
+                                             deterministic=case.deterministic)
     grad_out = make_grad((B, T, H, D), lay["grad_out"], dt, device, gen, expand_dim=2)
     poison_allocator(device)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)

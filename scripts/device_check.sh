@@ -49,9 +49,14 @@ for stage in "${stages[@]}"; do
       run_stage build env MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install --no-build-isolation -e . -v
       python3 -c "import cram_ext, json; print(json.dumps(cram_ext.build_info()))" | tee "$OUT/build_info.json" ;;
     test)
-      run_stage pytest python3 -m pytest python_tests -q -rs ;;
+      run_stage pytest python3 -m pytest python_tests -q -rs
+      CRAM_ROUTED_ATTENTION_SM80=1 run_stage pytest_cuda_sm80 python3 -m pytest python_tests/test_routed_attention.py \
+        python_tests/test_nn.py -q -rs -k cuda ;;
     test_cuda)  # the CUDA cases only (about 700; the CPU ones run in CI): for a short call
-      run_stage pytest_cuda python3 -m pytest python_tests -q -rs -k cuda ;;
+      run_stage pytest_cuda python3 -m pytest python_tests -q -rs -k cuda
+      # The routed-attention cases again with the SM80 forward forced (on Hopper the default is sm_90a).
+      CRAM_ROUTED_ATTENTION_SM80=1 run_stage pytest_cuda_sm80 python3 -m pytest python_tests/test_routed_attention.py \
+        python_tests/test_nn.py -q -rs -k cuda ;;
     sanitize)
       run_stage check_scan_route python3 python_tests/cuda_memcheck_scan_route.py
       run_stage memcheck_scan_route compute-sanitizer --tool memcheck --error-exitcode 3 \

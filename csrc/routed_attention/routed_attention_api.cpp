@@ -5,7 +5,9 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 #include "common/checks.h"
 #include "common/torch_utils.h"
@@ -106,6 +108,19 @@ RoutedAttentionParams cuda_params(const at::Tensor& q, const at::Tensor& k, cons
   return p;
 }
 
+// CRAM_ROUTED_ATTENTION_SM80=1 runs the SM80 kernels on Hopper too (to test and compare
+// both there). Read at every call, so that a test can switch it.
+bool forced_sm80() {
+  const char* v = std::getenv("CRAM_ROUTED_ATTENTION_SM80");
+  return v != nullptr && v[0] != '\0' && std::string(v) != "0";
+}
+
+// Whether the forward runs the sm_90a kernel on the current device for this head dim.
+bool fwd_runs_sm90(int64_t head_dim) {
+  return routed_attention_fwd_sm90_head_dim(static_cast<int>(head_dim)) && !forced_sm80() &&
+         routed_attention_fwd_sm90_supported();
+}
+
 // Scratch memory for a kernel, from torch's caching allocator (graph-safe, no sync).
 void* cuda_workspace(size_t bytes, const at::Tensor& like, at::Tensor& holder) {
   if (bytes == 0) return nullptr;
@@ -125,6 +140,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cuda(const at::Tensor& q_in,
   p.out = out.data_ptr();
   p.out_batch_stride = out.stride(0), p.out_row_stride = out.stride(1), p.out_head_stride = out.stride(2);
   p.lse = lse.data_ptr<float>();
+  p.fwd_sm90 = fwd_runs_sm90(p.head_dim);
   at::Tensor workspace;
   p.workspace = cuda_workspace(routed_attention_fwd_workspace_bytes(p), q, workspace);
   routed_attention_fwd_cuda(p, cuda_stream_of(q));
@@ -219,6 +235,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward(
 }
 
 }  // namespace
+
+std::string routed_attention_forward_kernel(c10::Device device, int64_t head_dim) {
+  TORCH_CHECK_VALUE(device.is_cpu() || device.is_cuda(), "device: expected cpu or cuda, got ", device);
+  if (device.is_cpu()) return "cpu";
+#ifdef CRAM_WITH_CUDA
+  c10::OptionalDeviceGuard guard;  // "cuda" without an index: the current device
+  if (device.has_index()) guard.reset_device(device);
+  return fwd_runs_sm90(head_dim) ? "sm90a" : "sm80";
+#else
+  TORCH_CHECK(false, "routed_attention_forward_kernel: cram_ext was built without CUDA support");
+#endif
+}
 
 TORCH_LIBRARY_IMPL(cram, CPU, m) {
   m.impl("routed_attention", &routed_attention);

@@ -8,8 +8,9 @@
 
 #include "common/cuda_check.h"
 
-#include "routed_attention/routed_attention_bwd_kernel.cuh"
 #include "routed_attention/routed_attention_fwd_kernel.cuh"
+#include "routed_attention/routed_attention_fwd_kernel_sm90.cuh"
+#include "routed_attention/routed_attention_bwd_kernel.cuh"
 #include "routed_attention/routed_attention_launch.h"
 #include "routed_attention/routed_attention_params.h"
 
@@ -35,27 +36,60 @@ void dispatch(const RoutedAttentionParams& p, const char* what, F&& f) {
 // Compiled like every kernel of the build: its binary version is the arch of the code that runs.
 __global__ void arch_probe_kernel() {}
 
-}  // namespace
+constexpr int kMaxDevices = 64;
 
-bool routed_attention_fused_dq_supported() {
-  constexpr int kMaxDevices = 64;
-  static signed char known[kMaxDevices] = {};  // 0 unknown, 1 yes, -1 no (a race writes the same value)
+// fn() for the current device, computed once per device (a race computes the same value twice).
+template <class Fn>
+bool once_per_device(signed char (&known)[kMaxDevices], Fn&& fn) {
   int device = 0;
   CRAM_CUDA_CHECK(cudaGetDevice(&device));
   if (device < kMaxDevices && known[device] != 0) return known[device] > 0;
+  const bool value = fn(device);
+  if (device < kMaxDevices) known[device] = value ? 1 : -1;
+  return value;
+}
+
+// The arch of the code of this build that runs on the device.
+int running_binary_version() {
   cudaFuncAttributes attr{};
   CRAM_CUDA_CHECK(cudaFuncGetAttributes(&attr, arch_probe_kernel));
-  const bool supported = attr.binaryVersion >= 90;
-  if (device < kMaxDevices) known[device] = supported ? 1 : -1;
-  return supported;
+  return attr.binaryVersion;
+}
+
+}  // namespace
+
+bool routed_attention_fused_dq_supported() {
+  static signed char known[kMaxDevices] = {};  // 0 unknown, 1 yes, -1 no
+  return once_per_device(known, [](int) { return running_binary_version() >= 90; });
+}
+
+bool routed_attention_fwd_sm90_supported() {
+  static signed char known[kMaxDevices] = {};
+  return once_per_device(known, [](int device) {
+#ifdef CRAM_CUDA_ARCHS
+    // The code running on the device is sm_90 code, and the build's sm_90 code is sm_90a
+    // (wgmma exists only there): a build lists one of "9.0" and "9.0a".
+    const std::string archs = CRAM_CUDA_ARCHS;
+    if (archs.find("9.0a") == std::string::npos && archs.find("90a") == std::string::npos) return false;
+    int major = 0, minor = 0;
+    CRAM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    CRAM_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    return major == 9 && minor == 0 && running_binary_version() == 90;
+#else
+    (void)device;
+    return false;
+#endif
+  });
 }
 
 size_t routed_attention_fwd_workspace_bytes(const RoutedAttentionParams& p) {
   size_t bytes = 0;
   dispatch(p, "routed_attention", [&](auto d, auto) {
     constexpr int D = decltype(d)::value;
-    using Config = ra::FwdConfig<D>;
-    bytes = ra::FwdWorkspace::bytes(ra::fwd_plan_sizes(p, Config::kBlockM, Config::kBlockN), Config::kBlockM, D);
+    // The tiles of the kernel run_routed_attention_fwd picks.
+    const int block_m = p.fwd_sm90 ? ra::FwdConfigSm90<D>::kBlockM : ra::FwdConfig<D>::kBlockM;
+    const int block_n = p.fwd_sm90 ? ra::FwdConfigSm90<D>::kBlockN : ra::FwdConfig<D>::kBlockN;
+    bytes = ra::FwdWorkspace::bytes(ra::fwd_plan_sizes(p, block_m, block_n), block_m, D);
   });
   return bytes;
 }

@@ -1,20 +1,22 @@
-// Host-side launch of the routed-attention forward for one (head dim, element type);
-// included by the per-instantiation .cu files only.
+// Host-side launch of the routed-attention forward for one (head dim, element type), on the
+// SM80 kernel or the sm_90a one (p.fwd_sm90); included by the per-instantiation .cu files only.
 #pragma once
 
 #include <algorithm>
 #include <climits>
 
 #include "routed_attention/routed_attention_fwd_kernel.cuh"
+#include "routed_attention/routed_attention_fwd_kernel_sm90.cuh"
 #include "routed_attention/routed_attention_launch.h"
 
 namespace cram {
 namespace ra {
 
-template <int kHeadDim, class Element>
-void run_routed_attention_fwd(const RoutedAttentionParams& p, cudaStream_t stream) {
-  using Config = FwdConfig<kHeadDim>;
-  using Traits = FwdTraits<kHeadDim, Config::kBlockM, Config::kBlockN, Config::kNWarps, Element>;
+// The plan's prologue, the forward kernel of Traits, and the combine of split tiles.
+template <class Traits, class Kernel>
+void launch_routed_attention_fwd(const RoutedAttentionParams& p, Kernel kernel, cudaStream_t stream) {
+  using Element = typename Traits::Element;
+  constexpr int kHeadDim = Traits::kHeadDim;
   const FwdPlanSizes sizes = fwd_plan_sizes(p, Traits::kBlockM, Traits::kBlockN);
   if (sizes.max_items == 0) return;
   if (!is_contiguous_bthd(p, kHeadDim, p.out_batch_stride, p.out_row_stride, p.out_head_stride)) {
@@ -28,7 +30,6 @@ void run_routed_attention_fwd(const RoutedAttentionParams& p, cudaStream_t strea
   routed_attention_fwd_prologue_kernel<Traits::kBlockM, Traits::kBlockN>
       <<<static_cast<unsigned>(1 + fill_blocks), kPlanThreads, 0, stream>>>(p, sizes, row_bytes);
   CRAM_CUDA_CHECK(cudaGetLastError());
-  auto kernel = routed_attention_fwd_kernel<Traits>;
   set_max_dynamic_smem(kernel, Traits::kSmemBytes);
   kernel<<<static_cast<unsigned>(sizes.max_items), Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, sizes);
   CRAM_CUDA_CHECK(cudaGetLastError());
@@ -37,6 +38,22 @@ void run_routed_attention_fwd(const RoutedAttentionParams& p, cudaStream_t strea
         <<<sizes.max_split_tiles * combine_ctas_per_tile<Traits::kBlockM>(), kCombineThreads, 0, stream>>>(p, sizes);
     CRAM_CUDA_CHECK(cudaGetLastError());
   }
+}
+
+template <int kHeadDim, class Element>
+void run_routed_attention_fwd(const RoutedAttentionParams& p, cudaStream_t stream) {
+  if constexpr (routed_attention_fwd_sm90_head_dim(kHeadDim)) {
+    if (p.fwd_sm90) {
+      using Config = FwdConfigSm90<kHeadDim>;
+      using Traits = FwdTraitsSm90<kHeadDim, Config::kBlockM, Config::kBlockN, Element>;
+      launch_routed_attention_fwd<Traits>(p, routed_attention_fwd_kernel_sm90<Traits>, stream);
+      return;
+    }
+  }
+  if (p.fwd_sm90) throw std::logic_error("routed_attention: no sm_90a forward for this head dim");
+  using Config = FwdConfig<kHeadDim>;
+  using Traits = FwdTraits<kHeadDim, Config::kBlockM, Config::kBlockN, Config::kNWarps, Element>;
+  launch_routed_attention_fwd<Traits>(p, routed_attention_fwd_kernel<Traits>, stream);
 }
 
 }  // namespace ra

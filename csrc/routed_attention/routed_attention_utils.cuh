@@ -257,6 +257,11 @@ __device__ __forceinline__ void cp_async_wait() {
   }
 }
 
+// The smem layout of the row loads: pages of 8 rows x 64 16-bit elements, each 128-byte row
+// swizzled in 16-byte chunks. Conflict-free for ldmatrix and 16-byte cp.async, and for
+// 16-bit elements the canonical 128-byte-swizzled layout of wgmma operands.
+using SmemRowAtom = decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
+
 // Issues cp.async loads of a (kRows, kCols) tile of 16-bit elements into the smem tensor
 // `s` whose row r comes from row_ptr(r) (nullptr: the row is zero-filled). `s` must have
 // the kernels' smem layout: (8 x 64)-element swizzled atoms tiled down the rows first, so
@@ -309,25 +314,38 @@ __device__ __forceinline__ void store_rows(const SmemTensor& s, RowPtr&& row_ptr
 // ------------------------------------------------------------------ fragment layouts
 //
 // An SM80 m16n8 accumulator fragment has layout ((2, 2), MMA_M, MMA_N): value mode 0
-// runs along N (two adjacent columns), value mode 1 along M (rows r and r + 8).
+// runs along N (two adjacent columns), value mode 1 along M (rows r and r + 8). An sm_90
+// warpgroup m64nN accumulator has ((2, 2, N / 8), MMA_M, MMA_N): the same, then the
+// n8 column groups. In both, the four threads of a quad hold the columns of the same rows.
 
-// ((2, 2), MMA_M, MMA_N) -> ((2, MMA_M), (2, MMA_N)): a (rows, cols) view of the
-// thread's accumulator elements.
+// Accumulator -> a (rows, cols) view of the thread's elements: ((2, MMA_M), (2, MMA_N))
+// for SM80, ((2, MMA_M), (2, N / 8, MMA_N)) for sm_90.
 template <class Layout>
 __host__ __device__ constexpr auto acc_rowcol_layout(Layout l) {
   static_assert(decltype(rank(l))::value == 3);
-  static_assert(decltype(rank<0>(l))::value == 2);
-  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+  if constexpr (decltype(rank<0>(l))::value == 2) {
+    return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+  } else {
+    static_assert(decltype(rank<0>(l))::value == 3);
+    return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
+  }
 }
 
-// Accumulator ((2, 2), MMA_M, MMA_N) of an m16n8k16 MMA -> A-operand fragment
-// ((2, 2, 2), MMA_M, MMA_N / 2): two n8 accumulator tiles side by side are one k16
-// A tile (values: column pair, row half, k half).
+// Accumulator of S = Q K^T -> A-operand fragment of P V over the same columns (k16 blocks
+// of two n8 column groups; values: column pair, row half, k half).
+//   SM80  ((2, 2), MMA_M, MMA_N)      -> ((2, 2, 2), MMA_M, MMA_N / 2)
+//   sm_90 ((2, 2, N / 8), MMA_M, 1)   -> ((2, 2, 2), MMA_M, N / 16)
 template <class Layout>
 __host__ __device__ constexpr auto acc_to_a_layout(Layout l) {
-  static_assert(decltype(size<2>(l))::value % 2 == 0);
-  auto d = logical_divide(l, Shape<Underscore, Underscore, _2>{});  // ((2,2), MMA_M, (2, MMA_N/2))
-  return make_layout(make_layout(get<0, 0>(d), get<0, 1>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
+  if constexpr (decltype(rank<0>(l))::value == 2) {
+    static_assert(decltype(size<2>(l))::value % 2 == 0);
+    auto d = logical_divide(l, Shape<Underscore, Underscore, _2>{});  // ((2,2), MMA_M, (2, MMA_N/2))
+    return make_layout(make_layout(get<0, 0>(d), get<0, 1>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
+  } else {
+    static_assert(decltype(size<2>(l))::value == 1 && decltype(size<0, 2>(l))::value % 2 == 0);
+    auto v = logical_divide(get<0>(l), Shape<Underscore, Underscore, _2>{});  // (2, 2, (2, N/16))
+    return make_layout(make_layout(get<0>(v), get<1>(v), get<2, 0>(v)), get<1>(l), get<2, 1>(v));
+  }
 }
 
 // fp32 fragment -> 16-bit fragment of the same layout (pairs converted together).
