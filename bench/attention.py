@@ -134,28 +134,12 @@ def flops(case: Case, pass_: str) -> float | None:
 # ----------------------------------------------------------- implementations
 
 
-@contextlib.contextmanager
-def forced_sm80_forward():
-    """CRAM_ROUTED_ATTENTION_SM80=1 inside (the SM80 forward kernel on Hopper too)."""
-    import os
-
-    before = os.environ.get("CRAM_ROUTED_ATTENTION_SM80")
-    os.environ["CRAM_ROUTED_ATTENTION_SM80"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["CRAM_ROUTED_ATTENTION_SM80"]
-        else:
-            os.environ["CRAM_ROUTED_ATTENTION_SM80"] = before
-
-
 def cram(deterministic: bool, sm80: bool = False):
     def build(case: Case) -> Call:
         import cram_ext
 
         index, counts = case.index, case.counts
-        context = forced_sm80_forward if sm80 else contextlib.nullcontext
+        context = cram_ext.routed_attention_sm80_forward if sm80 else contextlib.nullcontext
 
         def attend(q, k, v):
             with context():

@@ -8,7 +8,9 @@ autograd need, and the user-facing signatures.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -17,8 +19,9 @@ from . import _C  # noqa: F401  (loading the library runs the op registrations)
 from .reference import accumulate_dtype
 from .route_types import Route
 
-__all__ = ["gated_scan", "route", "routed_attention", "routed_attention_forward_kernel", "routed_decode",
-           "metaplastic_scan", "metaplastic_step", "check_route", "set_debug"]
+__all__ = ["gated_scan", "route", "routed_attention", "routed_attention_forward_kernel",
+           "routed_attention_sm80_forward", "routed_decode", "metaplastic_scan", "metaplastic_step", "check_route",
+           "set_debug"]
 
 _debug = os.environ.get("CRAM_DEBUG", "0") not in ("", "0")
 
@@ -265,6 +268,27 @@ def routed_attention_forward_kernel(device: torch.device | str, head_dim: int) -
     the SM80 kernel on Hopper too (read at every call), e.g. to compare the two.
     """
     return torch.ops.cram.routed_attention_forward_kernel(torch.device(device), int(head_dim))
+
+
+_SM80_SWITCH = "CRAM_ROUTED_ATTENTION_SM80"
+
+
+@contextlib.contextmanager
+def routed_attention_sm80_forward(enabled: bool = True) -> Iterator[None]:
+    """Inside, `routed_attention`'s CUDA forward runs the SM80 kernel (enabled=True) or its
+    default choice (False), whatever CRAM_ROUTED_ATTENTION_SM80 said before; it says that
+    again after. For comparing the two kernels on Hopper (the process environment: not
+    for use from several threads at once)."""
+    before = os.environ.get(_SM80_SWITCH)
+    os.environ[_SM80_SWITCH] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[_SM80_SWITCH]
+        else:
+            os.environ[_SM80_SWITCH] = before
+
 
 
 @torch.library.register_fake("cram::routed_attention")

@@ -26,9 +26,7 @@ compared with the float64 loop of `cram_ext.reference_metaplastic` whatever its 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
@@ -579,20 +577,6 @@ def delta_error_floors(case: AttentionCase, q, k, index, counts, out, grad_out, 
     return (torch.linalg.vector_norm(bound_q).item() / tol, torch.linalg.vector_norm(bound_k).item() / tol, 0.0)
 
 
-@contextlib.contextmanager
-def forward_kernel_forced_sm80(forced: bool):
-    """CRAM_ROUTED_ATTENTION_SM80 set to `forced` inside, as it was after."""
-    before = os.environ.get("CRAM_ROUTED_ATTENTION_SM80")
-    os.environ["CRAM_ROUTED_ATTENTION_SM80"] = "1" if forced else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["CRAM_ROUTED_ATTENTION_SM80"]
-        else:
-            os.environ["CRAM_ROUTED_ATTENTION_SM80"] = before
-
-
 def check_attention(case: AttentionCase, device: str) -> None:
     gen = torch.Generator().manual_seed(case.seed)
     B, T, S, H, Hk, D, dt, lay = case.B, case.T, case.S, case.H, case.Hk, case.D, case.dtype, case.layouts
@@ -604,7 +588,7 @@ def check_attention(case: AttentionCase, device: str) -> None:
     counts = laid_out(counts_c, lay["counts"], torch.int32, device, 0)
 
     poison_allocator(device)
-    with forward_kernel_forced_sm80(case.sm80_forward):
+    with cram_ext.routed_attention_sm80_forward(case.sm80_forward):
         out, lse = cram_ext.routed_attention(q, k, v, index, counts, case.softmax_scale,
                                              deterministic=case.deterministic)
     grad_out = make_grad((B, T, H, D), lay["grad_out"], dt, device, gen, expand_dim=2)

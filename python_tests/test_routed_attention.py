@@ -7,6 +7,7 @@ routed rows), and the gradient of q is 0 there, whatever grad_out holds.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -161,6 +162,18 @@ def test_forward_kernel_cpu():
         cram_ext.routed_attention_forward_kernel("meta", 64)
 
 
+def test_sm80_forward_switch_restores_the_environment(monkeypatch):
+    monkeypatch.setenv("CRAM_ROUTED_ATTENTION_SM80", "7")
+    with cram_ext.routed_attention_sm80_forward():
+        assert os.environ["CRAM_ROUTED_ATTENTION_SM80"] == "1"
+    assert os.environ["CRAM_ROUTED_ATTENTION_SM80"] == "7"
+    monkeypatch.delenv("CRAM_ROUTED_ATTENTION_SM80")
+    with pytest.raises(RuntimeError, match="inside"), cram_ext.routed_attention_sm80_forward(False):
+        assert os.environ["CRAM_ROUTED_ATTENTION_SM80"] == "0"
+        raise RuntimeError("inside")
+    assert "CRAM_ROUTED_ATTENTION_SM80" not in os.environ
+
+
 @pytest.mark.parametrize("device", [cuda_only("cuda")])
 @pytest.mark.parametrize("D", [64, 128])
 def test_forward_kernel_choice(device, D, monkeypatch):
@@ -181,16 +194,16 @@ KERNEL_CASES = [c for c in CASES if c.name in ("T17-mixed", "T130-sparse", "gqa-
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
 @pytest.mark.parametrize("device, dtype, D", [cuda_only("cuda", torch.bfloat16, 128), cuda_only("cuda", torch.float16, 128)])
-def test_forward_kernels_agree(device, dtype, D, case, monkeypatch):
+def test_forward_kernels_agree(device, dtype, D, case):
     """Both CUDA forwards on the same inputs, each against the reference (on Hopper: the
     sm_90a kernel and the SM80 one; elsewhere the SM80 one twice). The whole file runs
     with CRAM_ROUTED_ATTENTION_SM80=1 too on the device (scripts/device_check.sh)."""
     q, k, v = make_qkv(case.B, case.T, case.S, case.H, case.Hk, D, dtype, device)
     index, counts = route_from_mask(routing_mask(case.B, case.T, case.pattern, device, case.density))
     outs = []
-    for forced in ("0", "1"):
-        monkeypatch.setenv("CRAM_ROUTED_ATTENTION_SM80", forced)
-        outs.append(check_against_reference(q, k, v, index, counts, TOLERANCE[dtype]))
+    for sm80 in (False, True):
+        with cram_ext.routed_attention_sm80_forward(sm80):
+            outs.append(check_against_reference(q, k, v, index, counts, TOLERANCE[dtype]))
     (out_a, lse_a), (out_b, lse_b) = outs
     # Two kernels, one rounding of P to 16 bits each: close, not necessarily bitwise.
     assert_close_rel(out_a, out_b, TOLERANCE[dtype], "out of the two kernels")

@@ -60,6 +60,49 @@ __device__ bool fwd_item(const RoutedAttentionParams& p, const FwdWorkspace& ws,
   return true;
 }
 
+// The row loads of one work item: its gathered queries, and key tiles of its key/value head.
+template <class Element, int kBlockM, int kBlockN, int kHeadDim, int kNThreads>
+struct FwdRowLoads {
+  const RoutedAttentionParams& p;
+  const int* s_pos;
+  const Element *q, *k, *v;  // row b, head h (key/value head h / group) of each
+
+  __device__ FwdRowLoads(const RoutedAttentionParams& params, const FwdItem& it, const int* positions)
+      : p(params), s_pos(positions) {
+    const int kv_head = it.h / (p.num_heads / p.num_kv_heads);
+    q = static_cast<const Element*>(p.q) + it.b * p.q_batch_stride + it.h * p.q_head_stride;
+    k = static_cast<const Element*>(p.k) + it.b * p.k_batch_stride + kv_head * p.k_head_stride;
+    v = static_cast<const Element*>(p.v) + it.b * p.v_batch_stride + kv_head * p.v_head_stride;
+  }
+
+  // cp.async of the tile's query rows (zeros for rows without a position) into sQ.
+  template <class SmemTile>
+  __device__ __forceinline__ void query_tile(SmemTile&& sQ) const {
+    load_rows_async<kBlockM, kHeadDim, kNThreads>(
+        sQ,
+        [&](int r) -> const Element* {
+          const int t = s_pos[r];
+          return t >= 0 ? q + static_cast<int64_t>(t) * p.q_row_stride : nullptr;
+        },
+        q);
+  }
+  // cp.async of key tile n of K or V (zeros past S) into sX.
+  template <class SmemTile>
+  __device__ __forceinline__ void key_tile(SmemTile&& sX, const Element* base, int64_t row_stride, int n) const {
+    load_rows_async<kBlockN, kHeadDim, kNThreads>(
+        sX,
+        [&](int r) -> const Element* {
+          const int j = n * kBlockN + r;
+          return j < p.seqlen_k ? base + static_cast<int64_t>(j) * row_stride : nullptr;
+        },
+        base);
+  }
+  template <class SmemTile>
+  __device__ __forceinline__ void k_tile(SmemTile&& sK, int n) const { key_tile(sK, k, p.k_row_stride, n); }
+  template <class SmemTile>
+  __device__ __forceinline__ void v_tile(SmemTile&& sV, int n) const { key_tile(sV, v, p.v_row_stride, n); }
+};
+
 // Sets the scores of key tile n past each row's last visible key to -inf. s: the thread's
 // scores as (rows, cols); coords: their (row, col) in the tile, same view.
 template <int kBlockN, class Scores, class Coords>

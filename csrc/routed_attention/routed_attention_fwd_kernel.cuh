@@ -76,15 +76,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   __shared__ int s_limit[kBlockM];
 
   const int tid = threadIdx.x;
-  const int S = p.seqlen_k;
   const FwdWorkspace ws(p.workspace, sizes, kBlockM);
   FwdItem it;
   if (!fwd_item<kBlockM, kBlockN, kNThreads>(p, ws, it, s_pos, s_limit, s_scratch)) return;
 
-  const int kv_head = it.h / (p.num_heads / p.num_kv_heads);
-  const Element* q_ptr = static_cast<const Element*>(p.q) + it.b * p.q_batch_stride + it.h * p.q_head_stride;
-  const Element* k_ptr = static_cast<const Element*>(p.k) + it.b * p.k_batch_stride + kv_head * p.k_head_stride;
-  const Element* v_ptr = static_cast<const Element*>(p.v) + it.b * p.v_batch_stride + kv_head * p.v_head_stride;
+  const FwdRowLoads<Element, kBlockM, kBlockN, kHeadDim, kNThreads> loads(p, it, s_pos);
 
   // ---- shared memory
   Element* smem_q = reinterpret_cast<Element*>(smem);
@@ -95,25 +91,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Tensor sV = make_tensor(make_smem_ptr(smem_v), typename Traits::SmemLayoutKV{});
   Tensor sVt = make_tensor(make_smem_ptr(smem_v), typename Traits::SmemLayoutVt{});
   Tensor sVtNoSwizzle = make_tensor(make_smem_ptr(smem_v), typename Traits::SmemLayoutVtNoSwizzle{});
-
-  auto load_q = [&]() {
-    load_rows_async<kBlockM, kHeadDim, kNThreads>(
-        sQ,
-        [&](int r) -> const Element* {
-          const int t = s_pos[r];
-          return t >= 0 ? q_ptr + static_cast<int64_t>(t) * p.q_row_stride : nullptr;
-        },
-        q_ptr);
-  };
-  auto load_kv = [&](auto& sX, const Element* base, int64_t row_stride, int n) {
-    load_rows_async<kBlockN, kHeadDim, kNThreads>(
-        sX,
-        [&](int r) -> const Element* {
-          const int j = n * kBlockN + r;
-          return j < S ? base + static_cast<int64_t>(j) * row_stride : nullptr;
-        },
-        base);
-  };
 
   // ---- MMA partitions
   typename Traits::TiledMma tiled_mma;
@@ -140,8 +117,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   constexpr int kRows = decltype(size<0>(tScS_rc))::value;
 
   // ---- prologue: Q and the last key tile in flight
-  load_q();
-  load_kv(sK, k_ptr, p.k_row_stride, it.n_hi - 1);
+  loads.query_tile(sQ);
+  loads.k_tile(sK, it.n_hi - 1);
   cp_async_commit();
 
   OnlineSoftmax<kRows> softmax;
@@ -163,7 +140,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       for (int i = tid; i < Traits::kSmemQElems / 2; i += kNThreads) q_words[i] ^= 0x80008000u;  // sign bits
       __syncthreads();
     }
-    load_kv(sV, v_ptr, p.v_row_stride, n);
+    loads.v_tile(sV, n);
     cp_async_commit();
 
     gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_tiled_copy_Q, smem_tiled_copy_K, smem_thr_copy_Q,
@@ -172,7 +149,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     cp_async_wait<0>();
     __syncthreads();  // V[n] landed; every warp is done with K[n]
     if (n > it.n_lo) {
-      load_kv(sK, k_ptr, p.k_row_stride, n - 1);
+      loads.k_tile(sK, n - 1);
       cp_async_commit();
     }
 

@@ -103,15 +103,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   __shared__ int s_limit[kBlockM];
 
   const int tid = threadIdx.x;
-  const int S = p.seqlen_k;
   const FwdWorkspace ws(p.workspace, sizes, kBlockM);
   FwdItem it;
   if (!fwd_item<kBlockM, kBlockN, kNThreads>(p, ws, it, s_pos, s_limit, s_scratch)) return;
 
-  const int kv_head = it.h / (p.num_heads / p.num_kv_heads);
-  const Element* q_ptr = static_cast<const Element*>(p.q) + it.b * p.q_batch_stride + it.h * p.q_head_stride;
-  const Element* k_ptr = static_cast<const Element*>(p.k) + it.b * p.k_batch_stride + kv_head * p.k_head_stride;
-  const Element* v_ptr = static_cast<const Element*>(p.v) + it.b * p.v_batch_stride + kv_head * p.v_head_stride;
+  const FwdRowLoads<Element, kBlockM, kBlockN, kHeadDim, kNThreads> loads(p, it, s_pos);
 
   // ---- shared memory: each tile seen by the MMAs and by the row loads
   Element* smem_q = reinterpret_cast<Element*>(smem_sm90);
@@ -124,24 +120,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Tensor sK_rows = make_tensor(make_smem_ptr(smem_k), typename Traits::SmemRowLayoutKV{});
   Tensor sV_rows = make_tensor(make_smem_ptr(smem_v), typename Traits::SmemRowLayoutKV{});
 
-  auto load_q = [&]() {
-    load_rows_async<kBlockM, kHeadDim, kNThreads>(
-        sQ_rows,
-        [&](int r) -> const Element* {
-          const int t = s_pos[r];
-          return t >= 0 ? q_ptr + static_cast<int64_t>(t) * p.q_row_stride : nullptr;
-        },
-        q_ptr);
-  };
-  auto load_kv = [&](auto& sX, const Element* base, int64_t row_stride, int n) {
-    load_rows_async<kBlockN, kHeadDim, kNThreads>(
-        sX,
-        [&](int r) -> const Element* {
-          const int j = n * kBlockN + r;
-          return j < S ? base + static_cast<int64_t>(j) * row_stride : nullptr;
-        },
-        base);
-  };
   // A tile landed: this thread's cp.async writes are complete and ordered before the
   // tensor cores' reads, then the barrier publishes everyone's.
   auto tiles_landed = [&]() {
@@ -166,8 +144,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   constexpr int kRows = decltype(size<0>(tScS_rc))::value;
 
   // ---- prologue: Q and the last key tile in flight
-  load_q();
-  load_kv(sK_rows, k_ptr, p.k_row_stride, it.n_hi - 1);
+  loads.query_tile(sQ_rows);
+  loads.k_tile(sK_rows, it.n_hi - 1);
   cp_async_commit();
 
   OnlineSoftmax<kRows> softmax;
@@ -187,14 +165,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       fence_proxy_async_shared();
       __syncthreads();
     }
-    load_kv(sV_rows, v_ptr, p.v_row_stride, n);
+    loads.v_tile(sV_rows, n);
     cp_async_commit();
 
     warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_s, tSrQ, tSrK, acc_s);
 
     tiles_landed();  // V[n] landed; every warpgroup is done with K[n]
     if (n > it.n_lo) {
-      load_kv(sK_rows, k_ptr, p.k_row_stride, n - 1);
+      loads.k_tile(sK_rows, n - 1);
       cp_async_commit();
     }
 
