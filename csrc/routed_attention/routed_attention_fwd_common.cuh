@@ -21,10 +21,12 @@ struct FwdItem {
   __device__ bool split() const { return partial >= 0; }
 };
 
-// Reads this CTA's work item and its rows into s_pos / s_limit (the last key each row may
-// see). Returns false when there is nothing to compute: past the plan's items, a tile without
-// a valid position (malformed index only), or an empty split (its partial lse is then set to
-// -inf, so that the merge skips it). Synchronises; every thread returns the same.
+// Reads this CTA's work item and its rows into s_pos (visible to every thread on return) and
+// s_limit (the last key each row may see; visible after the caller's next barrier, which the
+// kernels pass before their first mask, so the first loads need not wait for it). Returns
+// false when there is nothing to compute: past the plan's items, a tile without a valid
+// position (malformed index only), or an empty split (its partial lse is then set to -inf,
+// so that the merge skips it). Every thread returns the same.
 template <int kBlockM, int kBlockN, int kNThreads>
 __device__ bool fwd_item(const RoutedAttentionParams& p, const FwdWorkspace& ws, FwdItem& it, int* s_pos,
                          int* s_limit, int* s_scratch) {
@@ -56,7 +58,6 @@ __device__ bool fwd_item(const RoutedAttentionParams& p, const FwdWorkspace& ws,
   }
   // Invalid rows: any finite limit, they are never stored.
   if (tid < kBlockM) s_limit[tid] = (my_pos >= 0 ? my_pos : it.t_min) + shift;
-  __syncthreads();
   return true;
 }
 
