@@ -151,6 +151,17 @@ def cram(deterministic: bool, sm80: bool = False):
     return build
 
 
+def record_fields(case: Case, pass_: str, impl: str) -> dict:
+    """Which forward kernel a cram record timed ("sm90a", "sm80" or "cpu"): on Hopper it
+    depends on the head dim and the build, so the record says it."""
+    if not impl.startswith("cram"):
+        return {}
+    import cram_ext
+
+    with cram_ext.routed_attention_sm80_forward(impl == "cram_sm80"):
+        return {"forward_kernel": cram_ext.routed_attention_forward_kernel(case.q.device, case.shape["D"])}
+
+
 def check_cram(case: Case, out: torch.Tensor) -> tuple[str, bool]:
     """Routed rows against the fp32 reference; the rows not routed must be zero."""
     import cram_ext
@@ -320,6 +331,7 @@ SPEC = register(Bench(
     setup=setup,
     at_density=at_density,
     flops=flops,
+    record_fields=record_fields,
     tolerance=(1e-4, 2e-2),
     baselines=["sdpa", *SDPA_BACKENDS, "flex_gathered"],
     match_density=("flex_gathered",),
