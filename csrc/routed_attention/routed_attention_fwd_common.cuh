@@ -135,9 +135,10 @@ struct OnlineSoftmax {
   }
 
   // s: this key tile's (masked) scores as (rows, cols), replaced by their exponentials;
-  // o: the output accumulator as (rows, cols), rescaled to the new row maxima.
-  template <class Scores, class Out>
-  __device__ __forceinline__ void update(Scores& s, Out& o, float scale_log2) {
+  // corr: the factors the output accumulated so far must be rescaled by (rescale_output),
+  // which the sm_90a kernel does later, once the MMA writing that accumulator is done.
+  template <class Scores>
+  __device__ __forceinline__ void update(Scores& s, float scale_log2, float (&corr)[kRows]) {
     static_assert(decltype(size<0>(s))::value == kRows);
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
@@ -146,9 +147,9 @@ struct OnlineSoftmax {
       for (int c = 0; c < decltype(size<1>(s))::value; ++c) m = fmaxf(m, s(i, c));
       m = quad_max(m);
       const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;  // a row with every key masked so far
-      const float corr = exp2f(row_max[i] * scale_log2 - m_scaled);
+      corr[i] = exp2f(row_max[i] * scale_log2 - m_scaled);
       row_max[i] = m;
-      float sum = row_sum[i] * corr;
+      float sum = row_sum[i] * corr[i];
 #pragma unroll
       for (int c = 0; c < decltype(size<1>(s))::value; ++c) {
         const float e = exp2f(fmaf(s(i, c), scale_log2, -m_scaled));
@@ -156,8 +157,16 @@ struct OnlineSoftmax {
         sum += e;
       }
       row_sum[i] = sum;
+    }
+  }
+
+  // o: the output accumulator as (rows, cols).
+  template <class Out>
+  __device__ __forceinline__ static void rescale_output(Out& o, const float (&corr)[kRows]) {
 #pragma unroll
-      for (int c = 0; c < decltype(size<1>(o))::value; ++c) o(i, c) *= corr;
+    for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+      for (int c = 0; c < decltype(size<1>(o))::value; ++c) o(i, c) *= corr[i];
     }
   }
 

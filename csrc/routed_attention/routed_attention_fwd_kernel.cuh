@@ -155,7 +155,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
     Tensor s = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
     if (n >= it.n_first_masked) apply_causal_mask<kBlockN>(s, tScS_rc, s_limit, n);
-    softmax.update(s, acc_o_rc, scale_log2);
+    float corr[kRows];
+    softmax.update(s, scale_log2, corr);
+    softmax.rescale_output(acc_o_rc, corr);
 
     Tensor rP = convert_fragment<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
