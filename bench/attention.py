@@ -7,8 +7,8 @@
 Implementations (impl):
   cram            cram_ext.routed_attention on q (B,T,H,D), k/v (B,S,Hk,D) and a routing (index, counts)
   cram_deterministic  the same with deterministic=True (forward+backward only; the forward is the same)
-  cram_sm80       cram with CRAM_ROUTED_ATTENTION_SM80=1: the SM80 forward kernel where cram runs the
-                  sm_90a one (Hopper, D = 128; cram_ext.routed_attention_forward_kernel), else cram again
+  cram_sm80       cram with CRAM_ROUTED_ATTENTION_SM80=1: the SM80 kernels where cram runs the sm_90a
+                  ones (Hopper, D = 128; cram_ext.routed_attention_kernel), else cram again
   sdpa_flash      F.scaled_dot_product_attention(is_causal=True) forced to SDPBackend.FLASH_ATTENTION
   sdpa_cudnn      ... forced to SDPBackend.CUDNN_ATTENTION
   sdpa_efficient  ... forced to SDPBackend.EFFICIENT_ATTENTION
@@ -139,7 +139,7 @@ def cram(deterministic: bool, sm80: bool = False):
         import cram_ext
 
         index, counts = case.index, case.counts
-        context = cram_ext.routed_attention_sm80_forward if sm80 else contextlib.nullcontext
+        context = cram_ext.routed_attention_sm80 if sm80 else contextlib.nullcontext
 
         def attend(q, k, v):
             with context():
@@ -152,14 +152,15 @@ def cram(deterministic: bool, sm80: bool = False):
 
 
 def record_fields(case: Case, pass_: str, impl: str) -> dict:
-    """Which forward kernel a cram record timed ("sm90a", "sm80" or "cpu"): on Hopper it
-    depends on the head dim and the build, so the record says it."""
+    """Which kernels a cram record timed ("sm90a", "sm80" or "cpu"): on Hopper it depends on
+    the head dim and the build, so the record says it."""
     if not impl.startswith("cram"):
         return {}
     import cram_ext
 
-    with cram_ext.routed_attention_sm80_forward(impl == "cram_sm80"):
-        return {"forward_kernel": cram_ext.routed_attention_forward_kernel(case.q.device, case.shape["D"])}
+    with cram_ext.routed_attention_sm80(impl == "cram_sm80"):
+        kernel = functools.partial(cram_ext.routed_attention_kernel, case.q.device, case.shape["D"])
+        return {"forward_kernel": kernel("forward"), "backward_kernel": kernel("backward") if pass_ == "fwd_bwd" else None}
 
 
 def check_cram(case: Case, out: torch.Tensor) -> tuple[str, bool]:

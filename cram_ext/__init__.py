@@ -14,7 +14,7 @@ from .models import CRAMBlock, CRAMConfig, CRAMModel, TransformerConfig, Transfo
 from .nn import (BlockCache, KVCache, MetaplasticCache, MetaplasticMemory, ModelCache, RoutedAttention, ScanCache,
                  WorkingMemory, aux_losses)
 from .ops import (check_route, gated_scan, metaplastic_scan, metaplastic_step, route, routed_attention,
-                  routed_attention_forward_kernel, routed_attention_sm80_forward, routed_decode, set_debug)
+                  routed_attention_kernel, routed_attention_sm80, routed_decode, set_debug)
 from .route_types import Route, route_from_mask
 
 __all__ = [
@@ -49,8 +49,8 @@ __all__ = [
     "route",
     "route_from_mask",
     "routed_attention",
-    "routed_attention_forward_kernel",
-    "routed_attention_sm80_forward",
+    "routed_attention_kernel",
+    "routed_attention_sm80",
     "routed_decode",
     "set_debug",
 ]

@@ -19,8 +19,8 @@ from . import _C  # noqa: F401  (loading the library runs the op registrations)
 from .reference import accumulate_dtype
 from .route_types import Route
 
-__all__ = ["gated_scan", "route", "routed_attention", "routed_attention_forward_kernel",
-           "routed_attention_sm80_forward", "routed_decode", "metaplastic_scan", "metaplastic_step", "check_route",
+__all__ = ["gated_scan", "route", "routed_attention", "routed_attention_kernel",
+           "routed_attention_sm80", "routed_decode", "metaplastic_scan", "metaplastic_step", "check_route",
            "set_debug"]
 
 _debug = os.environ.get("CRAM_DEBUG", "0") not in ("", "0")
@@ -259,26 +259,27 @@ def routed_attention(
     return torch.ops.cram.routed_attention.default(q, k, v, index, counts, scale, deterministic)
 
 
-def routed_attention_forward_kernel(device: torch.device | str, head_dim: int) -> str:
-    """Which kernel `routed_attention`'s forward runs for this head dim on `device`, as things
-    stand now: "sm90a" (warpgroup MMAs, Hopper with a build for "9.0a", head dim 128), "sm80"
-    (the kernel of every other CUDA case), or "cpu".
+def routed_attention_kernel(device: torch.device | str, head_dim: int, which: str = "forward") -> str:
+    """Which kernel `routed_attention`'s forward (which="forward") or its backward's dK/dV
+    ("backward") runs for this head dim on `device`, as things stand now: "sm90a" (warpgroup
+    MMAs, Hopper with a build for "9.0a", head dim 128), "sm80" (the kernel of every other
+    CUDA case), or "cpu".
 
-    Setting the environment variable CRAM_ROUTED_ATTENTION_SM80=1 makes the CUDA forward run
-    the SM80 kernel on Hopper too (read at every call), e.g. to compare the two.
+    Setting the environment variable CRAM_ROUTED_ATTENTION_SM80=1 makes the CUDA kernels run
+    their SM80 versions on Hopper too (read at every call), e.g. to compare the two.
     """
-    return torch.ops.cram.routed_attention_forward_kernel(torch.device(device), int(head_dim))
+    return torch.ops.cram.routed_attention_kernel(torch.device(device), int(head_dim), str(which))
 
 
 _SM80_SWITCH = "CRAM_ROUTED_ATTENTION_SM80"
 
 
 @contextlib.contextmanager
-def routed_attention_sm80_forward(enabled: bool = True) -> Iterator[None]:
-    """Inside, `routed_attention`'s CUDA forward runs the SM80 kernel (enabled=True) or its
-    default choice (False), whatever CRAM_ROUTED_ATTENTION_SM80 said before; it says that
-    again after. For comparing the two kernels on Hopper (the process environment: not
-    for use from several threads at once)."""
+def routed_attention_sm80(enabled: bool = True) -> Iterator[None]:
+    """Inside, `routed_attention`'s CUDA forward and backward run the SM80 kernels
+    (enabled=True) or their default choice (False), whatever CRAM_ROUTED_ATTENTION_SM80 said
+    before; it says that again after. For comparing the kernels on Hopper (the process
+    environment: not for use from several threads at once)."""
     before = os.environ.get(_SM80_SWITCH)
     os.environ[_SM80_SWITCH] = "1" if enabled else "0"
     try:

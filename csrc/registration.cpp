@@ -36,7 +36,7 @@ TORCH_LIBRARY(cram, m) {
       "route_backward(Tensor grad_prob, Tensor prob, Tensor hidden, Tensor weight)"
       " -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
-  m.def("routed_attention_forward_kernel(Device device, int head_dim) -> str", &routed_attention_forward_kernel);
+  m.def("routed_attention_kernel(Device device, int head_dim, str which) -> str", &routed_attention_kernel);
   m.def(
       "routed_attention(Tensor q, Tensor k, Tensor v, Tensor index, Tensor counts, float softmax_scale,"
       " bool deterministic=False)"

@@ -290,13 +290,13 @@ class AttentionCase:
     malformed: str  # "" or the kind of bad routing (then no reference comparison)
     layouts: dict = field(hash=False)  # q, k, v, index, counts, grad_out
     seed: int
-    sm80_forward: bool = False  # CUDA: run the SM80 forward kernel on Hopper too (CRAM_ROUTED_ATTENTION_SM80)
+    sm80: bool = False  # CUDA: run the SM80 kernels on Hopper too (CRAM_ROUTED_ATTENTION_SM80)
 
     def __str__(self) -> str:
         return (f"routed_attention(B={self.B}, T={self.T}, S={self.S}, H={self.H}, Hk={self.Hk}, D={self.D}, "
                 f"{DTYPE_NAMES[self.dtype]}, {self.pattern} rho={self.density}, deterministic={self.deterministic}, "
                 f"softmax_scale={self.softmax_scale}, malformed={self.malformed or None}, layouts={self.layouts}, "
-                f"seed={self.seed}, sm80_forward={self.sm80_forward})")
+                f"seed={self.seed}, sm80={self.sm80})")
 
 
 @dataclass(frozen=True)
@@ -397,7 +397,7 @@ def draw_attention_case(draw: Draw, device: str, malformed_rate: int = 0) -> Att
                  "index": draw_layout(draw, ("offset", "permuted")), "counts": draw_layout(draw, ("offset", "strided")),
                  "grad_out": draw_layout(draw, GRAD_LAYOUTS)},
         seed=draw.int(0, 2**31 - 1),
-        sm80_forward=device == "cuda" and draw.choice((False, True)),
+        sm80=device == "cuda" and draw.choice((False, True)),
     )
 
 
@@ -588,7 +588,7 @@ def check_attention(case: AttentionCase, device: str) -> None:
     counts = laid_out(counts_c, lay["counts"], torch.int32, device, 0)
 
     poison_allocator(device)
-    with cram_ext.routed_attention_sm80_forward(case.sm80_forward):
+    with cram_ext.routed_attention_sm80(case.sm80):
         out, lse = cram_ext.routed_attention(q, k, v, index, counts, case.softmax_scale,
                                              deterministic=case.deterministic)
     grad_out = make_grad((B, T, H, D), lay["grad_out"], dt, device, gen, expand_dim=2)

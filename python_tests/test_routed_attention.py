@@ -156,54 +156,59 @@ def test_matches_reference(device, dtype, D, case, deterministic):
     check_against_reference(q, k, v, index, counts, TOLERANCE[dtype], deterministic=deterministic)
 
 
-def test_forward_kernel_cpu():
-    assert cram_ext.routed_attention_forward_kernel("cpu", 64) == "cpu"
+def test_kernel_cpu():
+    assert cram_ext.routed_attention_kernel("cpu", 64) == "cpu"
+    assert cram_ext.routed_attention_kernel("cpu", 128, "backward") == "cpu"
     with pytest.raises(ValueError, match="device"):
-        cram_ext.routed_attention_forward_kernel("meta", 64)
+        cram_ext.routed_attention_kernel("meta", 64)
+    with pytest.raises(ValueError, match="which"):
+        cram_ext.routed_attention_kernel("cpu", 64, "fwd")
 
 
-def test_sm80_forward_switch_restores_the_environment(monkeypatch):
+def test_sm80_switch_restores_the_environment(monkeypatch):
     monkeypatch.setenv("CRAM_ROUTED_ATTENTION_SM80", "7")
-    with cram_ext.routed_attention_sm80_forward():
+    with cram_ext.routed_attention_sm80():
         assert os.environ["CRAM_ROUTED_ATTENTION_SM80"] == "1"
     assert os.environ["CRAM_ROUTED_ATTENTION_SM80"] == "7"
     monkeypatch.delenv("CRAM_ROUTED_ATTENTION_SM80")
-    with pytest.raises(RuntimeError, match="inside"), cram_ext.routed_attention_sm80_forward(False):
+    with pytest.raises(RuntimeError, match="inside"), cram_ext.routed_attention_sm80(False):
         assert os.environ["CRAM_ROUTED_ATTENTION_SM80"] == "0"
         raise RuntimeError("inside")
     assert "CRAM_ROUTED_ATTENTION_SM80" not in os.environ
 
 
 @pytest.mark.parametrize("device", [cuda_only("cuda")])
+@pytest.mark.parametrize("which", ["forward", "backward"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_forward_kernel_choice(device, D, monkeypatch):
-    """The sm_90a forward runs on Hopper with a "9.0a" build at D = 128, the SM80 one
-    everywhere else, and CRAM_ROUTED_ATTENTION_SM80=1 forces the SM80 one (at every call)."""
+def test_kernel_choice(device, D, which, monkeypatch):
+    """The sm_90a kernels run on Hopper with a "9.0a" build at D = 128, the SM80 ones
+    everywhere else, and CRAM_ROUTED_ATTENTION_SM80=1 forces the SM80 ones (at every call)."""
     capability = torch.cuda.get_device_capability()
     sm90a = capability == (9, 0) and "9.0a" in cram_ext.build_info()["cuda_archs"].split(";") and D == 128
     monkeypatch.delenv("CRAM_ROUTED_ATTENTION_SM80", raising=False)
-    assert cram_ext.routed_attention_forward_kernel(device, D) == ("sm90a" if sm90a else "sm80")
+    assert cram_ext.routed_attention_kernel(device, D, which) == ("sm90a" if sm90a else "sm80")
     monkeypatch.setenv("CRAM_ROUTED_ATTENTION_SM80", "1")
-    assert cram_ext.routed_attention_forward_kernel(device, D) == "sm80"
+    assert cram_ext.routed_attention_kernel(device, D, which) == "sm80"
     monkeypatch.setenv("CRAM_ROUTED_ATTENTION_SM80", "0")
-    assert cram_ext.routed_attention_forward_kernel(device, D) == ("sm90a" if sm90a else "sm80")
+    assert cram_ext.routed_attention_kernel(device, D, which) == ("sm90a" if sm90a else "sm80")
 
 
 KERNEL_CASES = [c for c in CASES if c.name in ("T17-mixed", "T130-sparse", "gqa-H4-Hk2-S>T", "T1100-dense-S>T")]
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
 @pytest.mark.parametrize("device, dtype, D", [cuda_only("cuda", torch.bfloat16, 128), cuda_only("cuda", torch.float16, 128)])
-def test_forward_kernels_agree(device, dtype, D, case):
-    """Both CUDA forwards on the same inputs, each against the reference (on Hopper: the
-    sm_90a kernel and the SM80 one; elsewhere the SM80 one twice). The whole file runs
-    with CRAM_ROUTED_ATTENTION_SM80=1 too on the device (scripts/device_check.sh)."""
+def test_kernels_agree(device, dtype, D, deterministic, case):
+    """Both CUDA forwards and backwards on the same inputs, each against the reference (on
+    Hopper: the sm_90a kernels and the SM80 ones; elsewhere the SM80 ones twice). The whole
+    file runs with CRAM_ROUTED_ATTENTION_SM80=1 too on the device (scripts/device_check.sh)."""
     q, k, v = make_qkv(case.B, case.T, case.S, case.H, case.Hk, D, dtype, device)
     index, counts = route_from_mask(routing_mask(case.B, case.T, case.pattern, device, case.density))
     outs = []
     for sm80 in (False, True):
-        with cram_ext.routed_attention_sm80_forward(sm80):
-            outs.append(check_against_reference(q, k, v, index, counts, TOLERANCE[dtype]))
+        with cram_ext.routed_attention_sm80(sm80):
+            outs.append(check_against_reference(q, k, v, index, counts, TOLERANCE[dtype], deterministic=deterministic))
     (out_a, lse_a), (out_b, lse_b) = outs
     # Two kernels, one rounding of P to 16 bits each: close, not necessarily bitwise.
     assert_close_rel(out_a, out_b, TOLERANCE[dtype], "out of the two kernels")

@@ -54,7 +54,7 @@ for stage in "${stages[@]}"; do
         python_tests/test_nn.py -q -rs -k cuda ;;
     test_cuda)  # the CUDA cases only (about 700; the CPU ones run in CI): for a short call
       run_stage pytest_cuda python3 -m pytest python_tests -q -rs -k cuda
-      # The routed-attention cases again with the SM80 forward forced (on Hopper the default is sm_90a).
+      # The routed-attention cases again with the SM80 kernels forced (on Hopper the default is sm_90a).
       CRAM_ROUTED_ATTENTION_SM80=1 run_stage pytest_cuda_sm80 python3 -m pytest python_tests/test_routed_attention.py \
         python_tests/test_nn.py -q -rs -k cuda ;;
     sanitize)

@@ -24,8 +24,9 @@ void routed_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, c
                               const at::Tensor& index, const at::Tensor& counts, double scale, at::Tensor& grad_q,
                               at::Tensor& grad_k, at::Tensor& grad_v);
 
-// The kernel the forward runs for this head dim on `device`, as things stand (the build, the
-// device, the CRAM_ROUTED_ATTENTION_SM80 switch): "sm90a", "sm80" or "cpu".
-std::string routed_attention_forward_kernel(c10::Device device, int64_t head_dim);
+// The kernel the forward (which = "forward") or the backward's dK/dV ("backward") runs for
+// this head dim on `device`, as things stand (the build, the device, the
+// CRAM_ROUTED_ATTENTION_SM80 switch): "sm90a", "sm80" or "cpu".
+std::string routed_attention_kernel(c10::Device device, int64_t head_dim, c10::string_view which);
 
 }  // namespace cram

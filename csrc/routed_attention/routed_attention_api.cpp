@@ -115,10 +115,12 @@ bool forced_sm80() {
   return v != nullptr && v[0] != '\0' && std::string(v) != "0";
 }
 
-// Whether the forward runs the sm_90a kernel on the current device for this head dim.
-bool fwd_runs_sm90(int64_t head_dim) {
-  return routed_attention_fwd_sm90_head_dim(static_cast<int>(head_dim)) && !forced_sm80() &&
-         routed_attention_fwd_sm90_supported();
+// Whether the forward (forward = true) or the backward's dK/dV runs its sm_90a kernel on the
+// current device for this head dim.
+bool runs_sm90(int64_t head_dim, bool forward) {
+  const int d = static_cast<int>(head_dim);
+  const bool served = forward ? routed_attention_fwd_sm90_head_dim(d) : routed_attention_bwd_sm90_head_dim(d);
+  return served && !forced_sm80() && routed_attention_sm90_supported();
 }
 
 // Scratch memory for a kernel, from torch's caching allocator (graph-safe, no sync).
@@ -140,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cuda(const at::Tensor& q_in,
   p.out = out.data_ptr();
   p.out_batch_stride = out.stride(0), p.out_row_stride = out.stride(1), p.out_head_stride = out.stride(2);
   p.lse = lse.data_ptr<float>();
-  p.fwd_sm90 = fwd_runs_sm90(p.head_dim);
+  p.fwd_sm90 = runs_sm90(p.head_dim, /*forward=*/true);
   at::Tensor workspace;
   p.workspace = cuda_workspace(routed_attention_fwd_workspace_bytes(p), q, workspace);
   routed_attention_fwd_cuda(p, cuda_stream_of(q));
@@ -174,6 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cuda(
   // The fused dQ sums with sm_90's bulk reductions; elsewhere the separate dQ kernel (the
   // deterministic path) is the only one there is.
   p.fused_dq = !deterministic && routed_attention_fused_dq_supported();
+  p.bwd_sm90 = runs_sm90(p.head_dim, /*forward=*/false);
   at::Tensor workspace;
   p.workspace = cuda_workspace(routed_attention_bwd_workspace_bytes(p), q, workspace);
   routed_attention_bwd_cuda(p, cuda_stream_of(q));
@@ -236,15 +239,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward(
 
 }  // namespace
 
-std::string routed_attention_forward_kernel(c10::Device device, int64_t head_dim) {
+std::string routed_attention_kernel(c10::Device device, int64_t head_dim, c10::string_view which) {
   TORCH_CHECK_VALUE(device.is_cpu() || device.is_cuda(), "device: expected cpu or cuda, got ", device);
+  TORCH_CHECK_VALUE(which == "forward" || which == "backward", "which: expected 'forward' or 'backward', got '",
+                    which, "'");
   if (device.is_cpu()) return "cpu";
 #ifdef CRAM_WITH_CUDA
   c10::OptionalDeviceGuard guard;  // "cuda" without an index: the current device
   if (device.has_index()) guard.reset_device(device);
-  return fwd_runs_sm90(head_dim) ? "sm90a" : "sm80";
+  return runs_sm90(head_dim, which == "forward") ? "sm90a" : "sm80";
 #else
-  TORCH_CHECK(false, "routed_attention_forward_kernel: cram_ext was built without CUDA support");
+  TORCH_CHECK(false, "routed_attention_kernel: cram_ext was built without CUDA support");
 #endif
 }
 

@@ -18,44 +18,10 @@
 //    Two more matmuls, but each dQ row is written by one CTA, bitwise reproducible.
 #pragma once
 
-#include "routed_attention/routed_attention_utils.cuh"
+#include "routed_attention/routed_attention_bwd_common.cuh"
 
 namespace cram {
 namespace ra {
-
-// Rows of gathered queries a dK/dV job takes (DkvConfig::kBlockM for every head dim): the
-// fused dQ accumulator pads each (b, h) by this many slots, since a job's rows start below
-// the row's count and so end below T + kDkvBlockM.
-constexpr int kDkvBlockM = 64;
-
-// Workspace of the backward: lse * log2(e) (+inf for a bad slot) and delta, per (b, h, slot),
-// and on the fast path the float dQ accumulator. Each part starts on a 128-byte boundary:
-// the preprocess kernel zeroes the accumulator with 16-byte stores and the bulk reductions
-// need 16-byte aligned addresses, whatever B * H * T is.
-struct BwdWorkspace {
-  float* lse_log2;
-  float* delta;
-  float* dq_accum;  // (B, H, T + kDkvBlockM, D) by slot: the fused dQ path's sums (absent if deterministic)
-
-  static constexpr size_t kAlign = 128;
-  __host__ __device__ static size_t aligned(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-  __host__ __device__ static size_t row_bytes(int batch, int heads, int seqlen_q) {
-    return aligned(static_cast<size_t>(batch) * heads * seqlen_q * sizeof(float));
-  }
-  __host__ __device__ static int padded_slots(int seqlen_q) { return seqlen_q + kDkvBlockM; }
-  // head_dim 0: no dQ accumulator (the deterministic path).
-  static size_t bytes(int batch, int heads, int seqlen_q, int head_dim) {
-    return 2 * row_bytes(batch, heads, seqlen_q) +
-           static_cast<size_t>(batch) * heads * padded_slots(seqlen_q) * head_dim * sizeof(float);
-  }
-  __host__ __device__ BwdWorkspace(void* base, int batch, int heads, int seqlen_q) {
-    char* c = static_cast<char*>(base);
-    const size_t rows = row_bytes(batch, heads, seqlen_q);
-    lse_log2 = reinterpret_cast<float*>(c);
-    delta = reinterpret_cast<float*>(c + rows);
-    dq_accum = reinterpret_cast<float*>(c + 2 * rows);
-  }
-};
 
 // ------------------------------------------------------------------ preprocess
 
@@ -398,7 +364,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kNThreads = Traits::kNThreads;
-  static_assert(!kFusedDq || kBlockM == kDkvBlockM, "the dQ accumulator is padded by kDkvBlockM slots");
 
   extern __shared__ __align__(128) char smem[];
   __shared__ int s_limit[2][kBlockM];
@@ -406,22 +371,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   __shared__ float s_delta[2][kBlockM];
 
   const int tid = threadIdx.x;
-  const int T = p.seqlen_q, S = p.seqlen_k, H = p.num_heads, Hk = p.num_kv_heads, shift = S - T;
-  const int group = H / Hk;
-  // Key tile slowest: the tiles with the most queries (the first keys) start first.
-  const int bg = blockIdx.x % (p.batch * Hk);
-  const int n_block = blockIdx.x / (p.batch * Hk);
-  const int b = bg / Hk, kv_head = bg % Hk;
-  const int j0 = n_block * kBlockN;
-  const int count = clamped_count(p.counts, b, T);
-
-  // First slot whose position sees key j0: index[b, i] + shift >= j0.
-  const int i0 = lower_bound_slot(p, b, count, j0 - shift);
-  const int n_chunks = ceil_div(count - i0, kBlockM);  // >= 0
-  const int n_jobs = n_chunks * group;
-
-  const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_batch_stride + kv_head * p.k_head_stride;
-  const Element* v_ptr = static_cast<const Element*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride;
+  const DkvTile<Element, kBlockM, kBlockN, kHeadDim, kNThreads> tile(p);
+  const int n_jobs = tile.n_jobs;
 
   Element* smem_k = reinterpret_cast<Element*>(smem);
   Element* smem_v = smem_k + Traits::kSmemKVElems;
@@ -437,42 +388,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Tensor sPt = make_tensor(make_smem_ptr(smem_p), typename Traits::SmemLayoutPdSt{});
   Tensor sdSt = make_tensor(make_smem_ptr(smem_ds), typename Traits::SmemLayoutPdSt{});
 
-  // ---- K, V of this tile (zero rows past S)
-  auto key_row = [&](const Element* base, int64_t stride) {
-    return [=](int r) -> const Element* {
-      const int j = j0 + r;
-      return j < S ? base + static_cast<int64_t>(j) * stride : nullptr;
-    };
-  };
-  load_rows_async<kBlockN, kHeadDim, kNThreads>(sK, key_row(k_ptr, p.k_row_stride), k_ptr);
-  load_rows_async<kBlockN, kHeadDim, kNThreads>(sV, key_row(v_ptr, p.v_row_stride), v_ptr);
-
-  const BwdWorkspace ws(p.workspace, p.batch, H, T);
-  // Job jb: head kv_head * group + jb / n_chunks, slots i0 + (jb % n_chunks) * kBlockM + [0, kBlockM).
+  tile.load_kv(sK, sV);
   auto load_job = [&](int jb, int stage) {
-    const int h = kv_head * group + jb / n_chunks;
-    const int m0 = i0 + (jb % n_chunks) * kBlockM;
-    const Element* q_ptr = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-    const Element* do_ptr =
-        static_cast<const Element*>(p.grad_out) + b * p.do_batch_stride + h * p.do_head_stride;
-    Tensor sQs = make_tensor(make_smem_ptr(smem_q + stage * Traits::kSmemQElems), typename Traits::SmemLayoutQ{});
-    Tensor sdOs = make_tensor(make_smem_ptr(smem_do + stage * Traits::kSmemQElems), typename Traits::SmemLayoutQ{});
-    auto gathered = [&](const Element* base, int64_t stride) {
-      return [=, &p](int r) -> const Element* {
-        const int t = routed_position(p, b, m0 + r, count);
-        return t >= 0 ? base + static_cast<int64_t>(t) * stride : nullptr;
-      };
-    };
-    load_rows_async<kBlockM, kHeadDim, kNThreads>(sQs, gathered(q_ptr, p.q_row_stride), q_ptr);
-    load_rows_async<kBlockM, kHeadDim, kNThreads>(sdOs, gathered(do_ptr, p.do_row_stride), do_ptr);
-    if (tid < kBlockM) {
-      const int slot = m0 + tid;
-      const int t = routed_position(p, b, slot, count);
-      const int64_t off = (static_cast<int64_t>(b) * H + h) * T + slot;
-      s_limit[stage][tid] = t >= 0 ? t + shift : -1;  // bad row: every key masked
-      s_lse[stage][tid] = t >= 0 ? ws.lse_log2[off] : INFINITY;
-      s_delta[stage][tid] = t >= 0 ? ws.delta[off] : 0.f;
-    }
+    tile.load_job(jb,
+                  make_tensor(make_smem_ptr(smem_q + stage * Traits::kSmemQElems), typename Traits::SmemLayoutQ{}),
+                  make_tensor(make_smem_ptr(smem_do + stage * Traits::kSmemQElems), typename Traits::SmemLayoutQ{}),
+                  s_limit[stage], s_lse[stage], s_delta[stage]);
   };
   if (n_jobs > 0) load_job(0, 0);
   cp_async_commit();
@@ -523,12 +444,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Tensor tdQsKt = thr_copy_dq_B.partition_S(sKt);
   Tensor tdQsdS = thr_copy_sdp_A.partition_S(sdS);
   Tensor tdQcdQ = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  const int dq_slots = BwdWorkspace::padded_slots(T);
-  auto reduce_dq = [&](int job) {  // thread 0: dq_accum[b, h, slots of job] += staging[job & 1]
-    const int h = kv_head * group + job / n_chunks;
-    const int m0 = i0 + (job % n_chunks) * kBlockM;  // m0 + kBlockM <= dq_slots
-    float* dst = ws.dq_accum + ((static_cast<int64_t>(b) * H + h) * dq_slots + m0) * kHeadDim;
-    bulk_reduce_add_f32(dst, smem_dq + (job & 1) * (kBlockM * kHeadDim), Traits::kSmemDqBytes);
+  auto reduce_dq = [&](int job) {  // thread 0: the dQ accumulator's rows of job += staging[job & 1]
+    tile.reduce_dq(job, smem_dq + (job & 1) * (kBlockM * kHeadDim));
   };
 
   Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -581,7 +498,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol_layout(acc_dp.layout()));
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
-      const int j = j0 + get<1>(tScS_rc(0, c));
+      const int j = tile.j0 + get<1>(tScS_rc(0, c));
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
         const float pr = j > row_limit[i] ? 0.f : exp2f(s(i, c) * scale_log2 - row_lse[i]);
@@ -635,16 +552,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   cute::copy(copy_dkv_C, thr_copy_dkv_C.retile_S(rdK), thr_copy_dkv_C.partition_D(sK));
   cute::copy(copy_dkv_C, thr_copy_dkv_C.retile_S(rdV), thr_copy_dkv_C.partition_D(sV));
   __syncthreads();
-  Element* dk_ptr = static_cast<Element*>(p.grad_k) + b * p.dk_batch_stride + kv_head * p.dk_head_stride;
-  Element* dv_ptr = static_cast<Element*>(p.grad_v) + b * p.dv_batch_stride + kv_head * p.dv_head_stride;
-  store_rows<kBlockN, kHeadDim, kNThreads>(sK, [&](int r) -> Element* {
-    const int j = j0 + r;
-    return j < S ? dk_ptr + static_cast<int64_t>(j) * p.dk_row_stride : nullptr;
-  });
-  store_rows<kBlockN, kHeadDim, kNThreads>(sV, [&](int r) -> Element* {
-    const int j = j0 + r;
-    return j < S ? dv_ptr + static_cast<int64_t>(j) * p.dv_row_stride : nullptr;
-  });
+  tile.store_dkdv(sK, sV);
   if constexpr (kFusedDq) {
     if (tid == 0) bulk_wait_read<0>();  // shared memory must outlive the last reduction's read
   }

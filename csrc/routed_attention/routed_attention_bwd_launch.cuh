@@ -6,11 +6,46 @@
 #include <climits>
 #include <stdexcept>
 
+#include "routed_attention/routed_attention_bwd_dkdv_kernel_sm90.cuh"
 #include "routed_attention/routed_attention_bwd_kernel.cuh"
 #include "routed_attention/routed_attention_launch.h"
 
 namespace cram {
 namespace ra {
+
+// The dK/dV kernel of Traits over every key tile of every (batch, kv head): the one that also
+// sums dQ (fused) or the one that leaves dQ to the dQ kernel.
+template <class Traits, class Kernel>
+void launch_dkdv(const RoutedAttentionParams& p, Kernel fused, Kernel plain, cudaStream_t stream) {
+  const int64_t grid = static_cast<int64_t>(p.batch) * p.num_kv_heads * ceil_div(p.seqlen_k, Traits::kBlockN);
+  if (grid > INT_MAX) throw std::runtime_error("routed_attention_backward: too many key tiles for one launch");
+  if (grid == 0) return;
+  const Kernel kernel = p.fused_dq ? fused : plain;
+  const int bytes = p.fused_dq ? Traits::kSmemBytesFusedDq : Traits::kSmemBytes;
+  set_max_dynamic_smem(kernel, bytes);
+  kernel<<<static_cast<unsigned>(grid), Traits::kNThreads, bytes, stream>>>(p);
+  CRAM_CUDA_CHECK(cudaGetLastError());
+}
+
+// The dK/dV kernel of this head dim: sm_90a (p.bwd_sm90) or SM80.
+template <int kHeadDim, class Element>
+void run_dkdv(const RoutedAttentionParams& p, cudaStream_t stream) {
+  if constexpr (routed_attention_bwd_sm90_head_dim(kHeadDim)) {
+    if (p.bwd_sm90) {
+      using Config = DkvConfigSm90<kHeadDim>;
+      using Traits = DkvTraitsSm90<kHeadDim, Config::kBlockM, Config::kBlockN, Element>;
+      launch_dkdv<Traits>(p, routed_attention_bwd_dkdv_kernel_sm90<Traits, true>,
+                          routed_attention_bwd_dkdv_kernel_sm90<Traits, false>, stream);
+      return;
+    }
+  }
+  if (p.bwd_sm90) throw std::logic_error("routed_attention_backward: no sm_90a backward for this head dim");
+  using Config = DkvConfig<kHeadDim>;
+  using Traits = DkvTraits<kHeadDim, Config::kBlockM, Config::kBlockN, Config::kNWarps, Config::kAtomMSdP,
+                           Config::kAtomNdKV, Element>;
+  launch_dkdv<Traits>(p, routed_attention_bwd_dkdv_kernel<Traits, true>, routed_attention_bwd_dkdv_kernel<Traits, false>,
+                      stream);
+}
 
 template <int kHeadDim, class Element>
 void run_routed_attention_bwd(const RoutedAttentionParams& p, cudaStream_t stream) {
@@ -36,25 +71,7 @@ void run_routed_attention_bwd(const RoutedAttentionParams& p, cudaStream_t strea
   }
 
   // 2. dK, dV: every key tile of every (batch, kv head), zeros where no query sees it.
-  {
-    using C = DkvConfig<kHeadDim>;
-    using Traits = DkvTraits<kHeadDim, C::kBlockM, C::kBlockN, C::kNWarps, C::kAtomMSdP, C::kAtomNdKV, Element>;
-    const int64_t grid = key_tiles_total * ceil_div(p.seqlen_k, Traits::kBlockN);
-    if (grid > INT_MAX) throw std::runtime_error("routed_attention_backward: too many key tiles for one launch");
-    if (grid > 0) {
-      if (p.fused_dq) {
-        auto kernel = routed_attention_bwd_dkdv_kernel<Traits, true>;
-        constexpr int kBytes = Traits::kSmemBytesFusedDq;
-        set_max_dynamic_smem(kernel, kBytes);
-        kernel<<<static_cast<unsigned>(grid), Traits::kNThreads, kBytes, stream>>>(p);
-      } else {
-        auto kernel = routed_attention_bwd_dkdv_kernel<Traits, false>;
-        set_max_dynamic_smem(kernel, Traits::kSmemBytes);
-        kernel<<<static_cast<unsigned>(grid), Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
-      }
-      CRAM_CUDA_CHECK(cudaGetLastError());
-    }
-  }
+  run_dkdv<kHeadDim, Element>(p, stream);
   if (p.fused_dq) {
     if (rows > 0) {
       const int64_t blocks = (rows * (kHeadDim / 4) + 255) / 256;

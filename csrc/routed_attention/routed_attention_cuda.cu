@@ -63,7 +63,7 @@ bool routed_attention_fused_dq_supported() {
   return once_per_device(known, [](int) { return running_binary_version() >= 90; });
 }
 
-bool routed_attention_fwd_sm90_supported() {
+bool routed_attention_sm90_supported() {
   static signed char known[kMaxDevices] = {};
   return once_per_device(known, [](int device) {
 #ifdef CRAM_CUDA_ARCHS

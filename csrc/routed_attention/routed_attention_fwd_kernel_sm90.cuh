@@ -19,9 +19,8 @@
 // loads and the output's store see the same bytes through SmemRowAtom tilings.
 #pragma once
 
-#include <cute/atom/mma_traits_sm90_gmma.hpp>
-
 #include "routed_attention/routed_attention_fwd_common.cuh"
+#include "routed_attention/routed_attention_wgmma.cuh"
 
 namespace cram {
 namespace ra {
@@ -71,23 +70,6 @@ struct FwdConfigSm90 {
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = 128;
 };
-
-// Issues acc (+)= A B over the K mode as one batch of warpgroup MMAs, not waited for: the
-// caller waits (warpgroup_wait) and then fences acc (warpgroup_fence_operand) before reading
-// it. A is in registers (kRegisterA) or in shared memory (descriptors).
-template <bool kZeroInit, bool kRegisterA, class TiledMma, class FragA, class FragB, class Acc>
-__device__ __forceinline__ void warpgroup_gemm_issue(TiledMma& mma, FragA& a, const FragB& b, Acc& acc) {
-  if constexpr (kRegisterA) warpgroup_fence_operand(a);
-  warpgroup_fence_operand(acc);
-  warpgroup_arrive();
-  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
-#pragma unroll
-  for (int k = 0; k < decltype(size<2>(a))::value; ++k) {
-    cute::gemm(mma, a(_, _, k), b(_, _, k), acc);
-    mma.accumulate_ = GMMA::ScaleOut::One;
-  }
-  warpgroup_commit_batch();
-}
 
 // One CTA per work item of the plan; CTAs past the plan's item count exit at once. Built
 // for every arch of the build, empty but for sm_90a (the launcher only runs it there).

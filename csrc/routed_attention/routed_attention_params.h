@@ -65,10 +65,13 @@ struct RoutedAttentionParams {
 
   int num_sms = 132;  // multiprocessors of the device (sizes the forward's work plan)
   // true: the forward runs the sm_90a kernel (warpgroup MMAs), false: the SM80 one. The
-  // launcher sets it from routed_attention_fwd_sm90_supported(), the head dim
+  // launcher sets it from routed_attention_sm90_supported(), the head dim
   // (routed_attention_fwd_sm90_head_dim) and the environment switch
   // CRAM_ROUTED_ATTENTION_SM80=1; the workspace size depends on it.
   bool fwd_sm90 = false;
+  // true: the backward's dK/dV kernel (and the fused dQ) runs on warpgroup MMAs (sm_90a),
+  // false: the SM80 one. Set like fwd_sm90 (routed_attention_bwd_sm90_head_dim).
+  bool bwd_sm90 = false;
 };
 
 #ifdef CRAM_WITH_CUDA
@@ -84,14 +87,16 @@ void routed_attention_bwd_cuda(const RoutedAttentionParams& p, void* stream);
 // the fused dQ (fused_dq = true) needs: false on Ampere, and on Hopper running a
 // compute_80 PTX build.
 bool routed_attention_fused_dq_supported();
-// Whether the forward's sm_90a kernel can run on the current device: a Hopper GPU (compute
-// capability 9.0) and a build with sm_90a code (TORCH_CUDA_ARCH_LIST with "9.0a").
-bool routed_attention_fwd_sm90_supported();
+// Whether the sm_90a kernels can run on the current device: a Hopper GPU (compute capability
+// 9.0) and a build with sm_90a code (TORCH_CUDA_ARCH_LIST with "9.0a").
+bool routed_attention_sm90_supported();
 #endif
 
 // Head dims the sm_90a forward serves. At 64 its first version (two warpgroups, one CTA a
 // multiprocessor) measured slower than the SM80 kernel on an H100 (1.34 against 1.00 ms at
 // B=4 H=32 T=4096, density 1), so D = 64 keeps the SM80 kernel on Hopper.
 constexpr bool routed_attention_fwd_sm90_head_dim(int head_dim) { return head_dim == 128; }
+// Head dims the sm_90a dK/dV kernel serves (not yet measured at 64).
+constexpr bool routed_attention_bwd_sm90_head_dim(int head_dim) { return head_dim == 128; }
 
 }  // namespace cram
