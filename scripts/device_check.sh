@@ -34,6 +34,13 @@ run_stage() {  # name, command...  (each stage is cut at STAGE_TIMEOUT seconds)
   tail -n 15 "$OUT/$name.log"
 }
 
+# The routed-attention CUDA cases again with the SM80 kernels forced (on Hopper at D = 128 the
+# default is sm_90a), so that both kernel sets are tested there.
+test_sm80_kernels() {
+  CRAM_ROUTED_ATTENTION_SM80=1 run_stage pytest_cuda_sm80 python3 -m pytest python_tests/test_routed_attention.py \
+    python_tests/test_nn.py python_tests/test_compile.py python_tests/test_fuzz.py -q -rs -k cuda
+}
+
 for stage in "${stages[@]}"; do
   case $stage in
     build)
@@ -50,13 +57,10 @@ for stage in "${stages[@]}"; do
       python3 -c "import cram_ext, json; print(json.dumps(cram_ext.build_info()))" | tee "$OUT/build_info.json" ;;
     test)
       run_stage pytest python3 -m pytest python_tests -q -rs
-      CRAM_ROUTED_ATTENTION_SM80=1 run_stage pytest_cuda_sm80 python3 -m pytest python_tests/test_routed_attention.py \
-        python_tests/test_nn.py -q -rs -k cuda ;;
+      test_sm80_kernels ;;
     test_cuda)  # the CUDA cases only (about 700; the CPU ones run in CI): for a short call
       run_stage pytest_cuda python3 -m pytest python_tests -q -rs -k cuda
-      # The routed-attention cases again with the SM80 kernels forced (on Hopper the default is sm_90a).
-      CRAM_ROUTED_ATTENTION_SM80=1 run_stage pytest_cuda_sm80 python3 -m pytest python_tests/test_routed_attention.py \
-        python_tests/test_nn.py -q -rs -k cuda ;;
+      test_sm80_kernels ;;
     sanitize)
       run_stage check_scan_route python3 python_tests/cuda_memcheck_scan_route.py
       run_stage memcheck_scan_route compute-sanitizer --tool memcheck --error-exitcode 3 \
