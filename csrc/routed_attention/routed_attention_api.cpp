@@ -70,11 +70,15 @@ at::Tensor cpu_compute(const at::Tensor& t) { return t.to(accumulate_dtype(t.sca
 
 #ifdef CRAM_WITH_CUDA
 // The CUDA kernels read (B, L, heads, D) tensors through strides with a unit stride along D
-// and 16-byte aligned rows; anything else is copied into that form once here.
+// and 16-byte aligned rows, and the sm_90a forward through TMA, which also needs a nonzero
+// stride along every dimension it steps along (an expanded tensor has 0); anything else is
+// copied into that form once here.
 at::Tensor cuda_compute(const at::Tensor& t) {
   const auto aligned = [](const at::Tensor& x) {
-    return x.stride(3) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0 &&
-           reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+    for (int i = 0; i < 3; ++i) {
+      if (x.stride(i) % 8 != 0 || (x.stride(i) == 0 && x.size(i) > 1)) return false;
+    }
+    return x.stride(3) == 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
   };
   if (aligned(t)) return t;
   at::Tensor c = t.contiguous();

@@ -225,7 +225,7 @@ __device__ __forceinline__ void write_output(const RoutedAttentionParams& p, con
       if (t >= 0) lse_row[t] = lse[i];
     }
   }
-  __syncthreads();
+  sync_threads<kNThreads>();
   Element* out_ptr = static_cast<Element*>(p.out) + it.b * p.out_batch_stride + it.h * p.out_head_stride;
   store_rows<kBlockM, kHeadDim, kNThreads>(sO, [&](int r) -> Element* {
     const int t = s_pos[r];

@@ -12,9 +12,10 @@
 namespace cram {
 namespace ra {
 
-// The plan's prologue, the forward kernel of Traits, and the combine of split tiles.
-template <class Traits, class Kernel>
-void launch_routed_attention_fwd(const RoutedAttentionParams& p, Kernel kernel, cudaStream_t stream) {
+// The plan's prologue, the forward kernel of Traits (launch_kernel(items, sizes) launches it
+// on that many CTAs), and the combine of split tiles.
+template <class Traits, class LaunchKernel>
+void launch_routed_attention_fwd(const RoutedAttentionParams& p, LaunchKernel&& launch_kernel, cudaStream_t stream) {
   using Element = typename Traits::Element;
   constexpr int kHeadDim = Traits::kHeadDim;
   const FwdPlanSizes sizes = fwd_plan_sizes(p, Traits::kBlockM, Traits::kBlockN);
@@ -30,8 +31,7 @@ void launch_routed_attention_fwd(const RoutedAttentionParams& p, Kernel kernel, 
   routed_attention_fwd_prologue_kernel<Traits::kBlockM, Traits::kBlockN>
       <<<static_cast<unsigned>(1 + fill_blocks), kPlanThreads, 0, stream>>>(p, sizes, row_bytes);
   CRAM_CUDA_CHECK(cudaGetLastError());
-  set_max_dynamic_smem(kernel, Traits::kSmemBytes);
-  kernel<<<static_cast<unsigned>(sizes.max_items), Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, sizes);
+  launch_kernel(static_cast<unsigned>(sizes.max_items), sizes);
   CRAM_CUDA_CHECK(cudaGetLastError());
   if (sizes.max_split_tiles > 0) {
     routed_attention_fwd_combine_kernel<kHeadDim, Traits::kBlockM, Element>
@@ -46,14 +46,29 @@ void run_routed_attention_fwd(const RoutedAttentionParams& p, cudaStream_t strea
     if (p.fwd_sm90) {
       using Config = FwdConfigSm90<kHeadDim>;
       using Traits = FwdTraitsSm90<kHeadDim, Config::kBlockM, Config::kBlockN, Element>;
-      launch_routed_attention_fwd<Traits>(p, routed_attention_fwd_kernel_sm90<Traits>, stream);
+      launch_routed_attention_fwd<Traits>(
+          p,
+          [&](unsigned items, const FwdPlanSizes& sizes) {
+            const KvTensorMaps maps = make_kv_tensor_maps<Element, Traits::kBlockN>(p);
+            const auto kernel = routed_attention_fwd_kernel_sm90<Traits>;
+            set_max_dynamic_smem(kernel, Traits::kSmemBytes);
+            kernel<<<items, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, sizes, maps);
+          },
+          stream);
       return;
     }
   }
   if (p.fwd_sm90) throw std::logic_error("routed_attention: no sm_90a forward for this head dim");
   using Config = FwdConfig<kHeadDim>;
   using Traits = FwdTraits<kHeadDim, Config::kBlockM, Config::kBlockN, Config::kNWarps, Element>;
-  launch_routed_attention_fwd<Traits>(p, routed_attention_fwd_kernel<Traits>, stream);
+  launch_routed_attention_fwd<Traits>(
+      p,
+      [&](unsigned items, const FwdPlanSizes& sizes) {
+        const auto kernel = routed_attention_fwd_kernel<Traits>;
+        set_max_dynamic_smem(kernel, Traits::kSmemBytes);
+        kernel<<<items, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, sizes);
+      },
+      stream);
 }
 
 }  // namespace ra

@@ -242,6 +242,15 @@ __device__ __forceinline__ void bulk_wait_read() {
   asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
 #endif
 }
+
+// A barrier over threads 0 .. kNThreads - 1 of the CTA (named barrier 1): all of them in a
+// kernel of kNThreads threads, the consumer warps of a warp-specialised one.
+template <int kNThreads>
+__device__ __forceinline__ void sync_threads() {
+  static_assert(kNThreads % 32 == 0, "whole warps");
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kNThreads) : "memory");
+}
+
 __device__ __forceinline__ void fence_proxy_async_shared() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
