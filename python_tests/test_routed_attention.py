@@ -291,6 +291,23 @@ def test_noncontiguous_inputs(device, dtype, D):
 
 
 @pytest.mark.parametrize("device, dtype, D", attention_params())
+def test_expanded_inputs(device, dtype, D):
+    """k and v broadcast over the batch and q over the heads (stride 0; the sm_90a forward's
+    TMA cannot step along a zero stride, so the launcher copies them): same result as the
+    materialised tensors."""
+    B, T, H, Hk = 3, 37, 4, 2
+    q = torch.randn(B, T, 1, D, device=device).to(dtype).requires_grad_().expand(B, T, H, D)
+    k = torch.randn(1, T, Hk, D, device=device).to(dtype).requires_grad_().expand(B, T, Hk, D)
+    v = torch.randn(1, T, Hk, D, device=device).to(dtype).requires_grad_().expand(B, T, Hk, D)
+    index, counts = route_from_mask(routing_mask(B, T, "random", device))
+    with torch.no_grad():
+        out, lse = cram_ext.routed_attention(q, k, v, index, counts)
+        out_c, lse_c = cram_ext.routed_attention(q.contiguous(), k.contiguous(), v.contiguous(), index, counts)
+    assert_same_result((out, lse), (out_c, lse_c))
+    check_against_reference(q, k, v, index, counts, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("device, dtype, D", attention_params())
 def test_unaligned_storage_offset(device, dtype, D):
     """Contiguous q, k, v, index and counts whose data pointers are one element past an aligned address."""
     B, T, H, Hk = 2, 29, 4, 2
