@@ -21,6 +21,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# pytest-xdist (on the device image) runs the test files in PYTEST_WORKERS processes: the CUDA
+# suite alone took more than 200 s of a 600-s call in one process.
+xdist=()
+python3 -c "import xdist" 2>/dev/null && xdist=(-n "${PYTEST_WORKERS:-8}" -p no:cacheprovider)
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build test sanitize bench)
 summary=()
@@ -38,7 +42,7 @@ run_stage() {  # name, command...  (each stage is cut at STAGE_TIMEOUT seconds)
 # default is sm_90a), so that both kernel sets are tested there.
 test_sm80_kernels() {
   CRAM_ROUTED_ATTENTION_SM80=1 run_stage pytest_cuda_sm80 python3 -m pytest python_tests/test_routed_attention.py \
-    python_tests/test_nn.py python_tests/test_compile.py python_tests/test_fuzz.py -q -rs -k cuda
+    python_tests/test_nn.py python_tests/test_compile.py python_tests/test_fuzz.py -q -rs -k cuda "${xdist[@]}"
 }
 
 for stage in "${stages[@]}"; do
@@ -56,10 +60,10 @@ for stage in "${stages[@]}"; do
       run_stage build env MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install --no-build-isolation -e . -v
       python3 -c "import cram_ext, json; print(json.dumps(cram_ext.build_info()))" | tee "$OUT/build_info.json" ;;
     test)
-      run_stage pytest python3 -m pytest python_tests -q -rs
+      run_stage pytest python3 -m pytest python_tests -q -rs "${xdist[@]}"
       test_sm80_kernels ;;
     test_cuda)  # the CUDA cases only (about 700; the CPU ones run in CI): for a short call
-      run_stage pytest_cuda python3 -m pytest python_tests -q -rs -k cuda
+      run_stage pytest_cuda python3 -m pytest python_tests -q -rs -k cuda "${xdist[@]}"
       test_sm80_kernels ;;
     sanitize)
       run_stage check_scan_route python3 python_tests/cuda_memcheck_scan_route.py
