@@ -6,6 +6,7 @@
 #   bash scripts/device_check.sh build test_cuda         (the CUDA test cases only)
 #   FUZZ_BUDGET=150 bash scripts/device_check.sh build fuzz_memcheck   (seconds per op; FUZZ_OPS=metaplastic for one)
 #   PROFILE_SHAPE=32,512,4,64,128 bash scripts/device_check.sh build profile_metaplastic   (ncu)
+#   bash scripts/device_check.sh build profile_attention   (ncu of the routed-attention kernels)
 # Wheels placed in .whl/ (fla-core, nvidia-cutlass) are installed to /tmp/site first.
 # An A/B of a kernel change in one call: scripts/device_ab.sh.
 set -uo pipefail
@@ -103,6 +104,14 @@ for stage in "${stages[@]}"; do
       # Instructions executed per SASS line (the build has -lineinfo): where the issue slots go.
       ncu --import "$OUT/metaplastic.ncu-rep" --page source --csv --print-source sass \
         > "$OUT/profile_metaplastic_sass.csv" 2> "$OUT/profile_metaplastic_sass.err" || true ;;
+    profile_attention)  # ncu's counters of the routed-attention forward and dK/dV kernels, once each (PROFILE_SHAPE: B,H,T,D)
+      run_stage profile_attention ncu --clock-control none --kernel-name regex:"routed_attention_(fwd|bwd_dkdv)_kernel" \
+        --launch-count 2 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        --section InstructionStats --export "$OUT/attention" --force-overwrite \
+        python3 -m bench.attention --device cuda --impl cram --pass fwd_bwd --densities 1 --no-check --rep-ms 1 \
+        --shape "${PROFILE_SHAPE:-2,16,8192,128}" --out "$OUT/profile_attention_bench.json"
+      ncu --import "$OUT/attention.ncu-rep" > "$OUT/profile_attention_details.log" 2>&1 ;;
     bench)
       run_stage bench_scan python3 -m bench.scan --device cuda --out "$OUT/gated_scan.json"
       run_stage bench_router python3 -m bench.router --device cuda --out "$OUT/route.json"
