@@ -291,7 +291,6 @@ def routed_attention_sm80(enabled: bool = True) -> Iterator[None]:
             os.environ[_SM80_SWITCH] = before
 
 
-
 @torch.library.register_fake("cram::routed_attention")
 def _(q, k, v, index, counts, softmax_scale, deterministic=False):
     _check_same_device("routed_attention", q=q, k=k, v=v, index=index, counts=counts)
